@@ -1,0 +1,106 @@
+"""Checkpoints: written atomically, loaded safely, able to rebuild their own model."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .hardware import pick_device
+from .samplers import sample
+from .schedule import NoiseSchedule
+from .unet import UNet
+
+REQUIRED_KEYS = ("model", "ema", "optimizer", "step", "config")
+
+
+def save_checkpoint(path: str | Path, state: dict) -> None:
+    """Write `state` to `path` through a temporary file and a rename.
+
+    The rename is atomic, so a crash mid-write leaves the previous checkpoint (or nothing),
+    never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dict, loaded with `weights_only=True` and checked for its keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"could not read checkpoint {path}: {e}") from e
+    if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
+        found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} is not a smol_diffusion checkpoint: it needs the keys "
+                         f"{', '.join(REQUIRED_KEYS)}, found {found}")
+    return state
+
+
+def check_same_model(state: dict, cfg: Config, path: str | Path) -> None:
+    """Raise if the checkpoint's model config differs from `cfg.model`, naming the fields."""
+    stored = state["config"]["model"]
+    wanted = dataclasses.asdict(cfg.model)
+    diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
+    if diff:
+        lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"checkpoint {path} holds another architecture ({lines}); resume with "
+                         "the checkpoint's own model settings or start a new run")
+
+
+def load_weights(model: torch.nn.Module, weights: dict, path: str | Path) -> None:
+    """`model.load_state_dict(weights)` with an error that names the checkpoint."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ValueError(f"the weights in {path} do not fit the model its config describes "
+                         f"(was it written by another version?): {e}") from e
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the EMA model in eval mode, its schedule, config and step."""
+
+    model: UNet
+    schedule: NoiseSchedule
+    config: Config
+    step: int
+    history: dict
+
+    def sample(self, n: int, *, generator: torch.Generator | None = None,
+               steps: int | None = None, **kwargs) -> torch.Tensor:
+        """n images in [-1, 1] from the EMA model; `steps` and `variance` default to the
+        config's, other keywords go to `smol_diffusion.sample`."""
+        m = self.config.model
+        kwargs.setdefault("variance", self.config.diffusion.variance)
+        return sample(self.model, self.schedule, (n, m.in_channels, m.image_size, m.image_size),
+                      steps=steps or self.config.diffusion.sample_steps, generator=generator,
+                      **kwargs)
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> Checkpoint:
+    """Load a checkpoint written by `train` and rebuild its EMA model from the stored config."""
+    state = read_checkpoint(path)
+    cfg = Config.from_dict(state["config"])
+    model = UNet(cfg.model)
+    load_weights(model, state["ema"], path)
+    model.to(pick_device(device) if isinstance(device, str) else device).eval()
+    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T)
+    return Checkpoint(model, schedule, cfg, int(state["step"]), state.get("history", {}))

@@ -1,0 +1,141 @@
+"""The noise schedule: betas, alpha_bar and the posterior q(x_{t-1} | x_t, x_0).
+
+Everything is computed once in float64 and kept as (T,) tensors on the CPU; `extract` picks
+the entries for a batch of timesteps and broadcasts them against an image batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+def extract(a: torch.Tensor, t: torch.Tensor, x_shape: torch.Size) -> torch.Tensor:
+    """Return a[t] as float32 on t's device, shaped (B, 1, ..., 1) to broadcast over x_shape.
+
+    The same helper as improved-diffusion's `_extract_into_tensor`. The float64 table is cast
+    to float32 before it moves, since some devices (MPS) have no float64.
+    """
+    out = a.to(torch.float32).to(t.device)[t]  # (B,)
+    return out.view(-1, *([1] * (len(x_shape) - 1)))
+
+
+@dataclass
+class NoiseSchedule:
+    """A discrete variance-preserving schedule of T steps (Ho et al. 2020, Sec. 2).
+
+    `betas` is the only input; every other field is derived from it in float64. `timesteps`
+    maps each step of this schedule to the training timestep the network was conditioned on:
+    arange(T) for a training schedule, a subset of it for a respaced one (`respace`).
+    """
+
+    betas: torch.Tensor
+    timesteps: torch.Tensor | None = None
+    alphas: torch.Tensor = field(init=False)
+    alpha_bar: torch.Tensor = field(init=False)
+    alpha_bar_prev: torch.Tensor = field(init=False)
+    posterior_variance: torch.Tensor = field(init=False)
+    posterior_log_variance_clipped: torch.Tensor = field(init=False)
+    posterior_mean_coef1: torch.Tensor = field(init=False)
+    posterior_mean_coef2: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        betas = torch.as_tensor(self.betas, dtype=torch.float64).cpu()
+        if betas.ndim != 1 or len(betas) == 0:
+            raise ValueError(f"betas must be a non-empty 1-D tensor, got shape {tuple(betas.shape)}")
+        if not bool(((betas > 0) & (betas <= 1)).all()):
+            raise ValueError("betas must lie in (0, 1]")
+        self.betas = betas
+        T = len(betas)
+        if self.timesteps is None:
+            self.timesteps = torch.arange(T)
+        self.timesteps = torch.as_tensor(self.timesteps, dtype=torch.long).cpu()
+        self.alphas = 1.0 - betas
+        self.alpha_bar = torch.cumprod(self.alphas, dim=0)  # Eq. 4 (Ho et al.): prod_s alpha_s
+        self.alpha_bar_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alpha_bar[:-1]])
+        # Eq. 7 (Ho et al.): beta_tilde_t and the two coefficients of mu_tilde_t(x_t, x_0).
+        self.posterior_variance = betas * (1.0 - self.alpha_bar_prev) / (1.0 - self.alpha_bar)
+        # beta_tilde_0 is 0; like improved-diffusion, clip its log to beta_tilde_1.
+        pv = self.posterior_variance
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv[1:2], pv[1:]])) if T > 1 \
+            else torch.log(betas)
+        self.posterior_mean_coef1 = betas * self.alpha_bar_prev.sqrt() / (1.0 - self.alpha_bar)
+        self.posterior_mean_coef2 = (1.0 - self.alpha_bar_prev) * self.alphas.sqrt() / (
+            1.0 - self.alpha_bar)
+
+    @property
+    def T(self) -> int:
+        """Number of steps in this schedule."""
+        return len(self.betas)
+
+    @classmethod
+    def linear(cls, T: int = 1000) -> NoiseSchedule:
+        """Ho et al. 2020: betas linear from 1e-4 to 0.02 at T=1000.
+
+        For other T the end points are scaled by 1000/T, as improved-diffusion does, so the
+        process reaches the same noise level whatever T is.
+        """
+        _check_T(T)
+        if T <= 20:
+            raise ValueError(f"the linear schedule needs T > 20 (its last beta, 0.02 * 1000 / T, "
+                             f"must stay below 1); use the cosine schedule for T={T}")
+        scale = 1000.0 / T
+        return cls(torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64))
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+        """Nichol & Dhariwal 2021, Eq. 17: alpha_bar(t) = cos^2(pi/2 (t/T + s)/(1 + s)).
+
+        beta_t = 1 - alpha_bar(t+1)/alpha_bar(t), clipped at `max_beta` (0.999) to avoid the
+        singularity at t = T.
+        """
+        _check_T(T)
+        steps = torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        return cls(torch.clamp(1 - f[1:] / f[:-1], max=max_beta))
+
+    @classmethod
+    def from_name(cls, name: str, T: int) -> NoiseSchedule:
+        """`linear` or `cosine` with T steps."""
+        if name not in ("linear", "cosine"):
+            raise ValueError(f"unknown schedule {name!r}: use 'linear' or 'cosine'")
+        return getattr(cls, name)(T)
+
+    def respace(self, timesteps: list[int] | torch.Tensor) -> NoiseSchedule:
+        """The same process seen only at `timesteps` (Nichol & Dhariwal 2021, Sec. 4).
+
+        Keeps alpha_bar at the chosen steps and sets beta_i = 1 - alpha_bar_{t_i} /
+        alpha_bar_{t_{i-1}}, so no new schedule with another T is ever made: the network is
+        still called with the training timesteps, which the new schedule's `timesteps` holds.
+        Order does not matter; the result is increasing.
+        """
+        ts = torch.as_tensor(timesteps, dtype=torch.long).flatten()
+        if len(ts) == 0:
+            raise ValueError("timesteps must not be empty")
+        if int(ts.min()) < 0 or int(ts.max()) >= self.T:
+            raise ValueError(f"timesteps must lie in [0, {self.T - 1}], got "
+                             f"[{int(ts.min())}, {int(ts.max())}]")
+        ts = torch.unique(ts)  # sorted, increasing
+        ab = self.alpha_bar[ts]
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), ab[:-1]])
+        return NoiseSchedule(1.0 - ab / ab_prev, timesteps=self.timesteps[ts])
+
+
+def spaced_timesteps(T: int, steps: int) -> list[int]:
+    """`steps` training timesteps evenly spaced over [0, T-1], both ends included, decreasing.
+
+    Including T-1 starts sampling from the noisiest step the model was trained on (Lin et al.
+    2023, Sec. 3.3); including 0 ends it on the cleanest.
+    """
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must lie in [1, {T}], got {steps}")
+    if steps == 1:
+        return [T - 1]
+    ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+    return sorted(set(ts.tolist()), reverse=True)
+
+
+def _check_T(T: int) -> None:
+    if not isinstance(T, int) or T < 1:
+        raise ValueError(f"T must be a positive integer, got {T!r}")

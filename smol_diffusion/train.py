@@ -1,0 +1,223 @@
+"""The training loop, one flat function, and its command line:
+
+    python -m smol_diffusion.train --preset demo [--lr 1e-3 --steps 2000 ...]
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from .checkpoint import check_same_model, load_weights, read_checkpoint, save_checkpoint
+from .config import PRESETS, Config, all_fields, get_preset
+from .data import make_dataset
+from .diffusion import simple_loss
+from .hardware import autocast, pick_device, use_bf16
+from .samplers import sample
+from .schedule import NoiseSchedule
+from .unet import UNet
+from .viz import display_inline, save_grid
+
+
+class EpochSampler(Sampler[int]):
+    """A new random order of n indices each epoch, seeded by (seed, epoch), so a resumed run
+    sees the data in the same order as an uninterrupted one; the first `skip` are left out."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
+
+    def __len__(self) -> int:
+        return self.n - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        yield from torch.randperm(self.n, generator=g)[self.skip:].tolist()
+
+
+def lr_at(step: int, cfg) -> float:
+    """Linear warmup over `cfg.warmup` steps, then constant or cosine decay to 10% of lr."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay with warmup, min(decay, (1 + n) / (10 + n)), so early averages forget fast."""
+    return min(decay, (1 + step) / (10 + step))
+
+
+def train(cfg: Config, progress: bool = True) -> dict:
+    """Train a DDPM as `cfg` describes; returns the history {"step", "loss", "lr", "img_per_s"}.
+
+    Writes `out_dir/ckpt.pt` (atomically) every `checkpoint_every` steps and at the end, and a
+    sample grid from the EMA model to `out_dir/samples_<step>.png` every `sample_every` steps
+    and at the end (shown inline in a notebook). Resumes from `cfg.train.resume` if set.
+    """
+    tc, mc = cfg.train, cfg.model
+    if tc.lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {tc.lr_schedule!r}")
+    device = pick_device(tc.device)
+    bf16 = use_bf16(tc.precision, device)
+    torch.manual_seed(tc.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    dataset = make_dataset(cfg.data, mc.image_size, mc.in_channels)
+    if len(dataset) < tc.batch_size:
+        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of "
+                         f"{tc.batch_size}; lower batch_size")
+    sampler = EpochSampler(len(dataset), tc.seed)
+    loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=cfg.data.num_workers > 0,
+                        # its own generator: starting an epoch draws no numbers from the global
+                        # RNG, whose state a checkpoint restores for the noise and timesteps
+                        generator=torch.Generator().manual_seed(tc.seed))
+    steps_per_epoch = len(dataset) // tc.batch_size
+    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T)
+    model = UNet(mc).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
+                            fused=device.type == "cuda")
+    step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": []}
+    if tc.resume:
+        state = read_checkpoint(tc.resume)
+        check_same_model(state, cfg, tc.resume)
+        load_weights(model, state["model"], tc.resume)
+        load_weights(ema, state["ema"], tc.resume)
+        opt.load_state_dict(state["optimizer"])
+        step, history = int(state["step"]), state.get("history", history)
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
+
+    out_dir = Path(tc.out_dir)
+    params, ema_params = list(model.parameters()), list(ema.parameters())
+
+    def write_samples() -> None:
+        gen = torch.Generator().manual_seed(tc.seed)
+        x = sample(ema, schedule, (tc.sample_n, mc.in_channels, mc.image_size, mc.image_size),
+                   steps=cfg.diffusion.sample_steps, generator=gen,
+                   variance=cfg.diffusion.variance, bf16=bf16)
+        display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png"))
+
+    def write_checkpoint() -> None:
+        rng = {"torch": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(out_dir / "ckpt.pt", {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+            "step": step, "config": dataclasses.asdict(cfg), "rng": rng, "history": history})
+
+    model.train()
+    # Resume mid-epoch: the same order as an uninterrupted run, minus the batches already seen.
+    sampler.epoch, seen = divmod(step, steps_per_epoch)
+    sampler.skip = seen * tc.batch_size
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train")
+    loss_sum, n_sum, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
+    while step < tc.steps:
+        for x0 in loader:
+            x0 = x0.to(device, non_blocking=True)  # (B, C, H, W) in [-1, 1]
+            # 1. learning rate
+            lr = lr_at(step, tc)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            # 2. forward / backward
+            with autocast(device, bf16):
+                loss = simple_loss(model, schedule, x0, cfg.diffusion.min_snr_gamma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            # 3. clip, 4. step
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+            opt.step()
+            # 5. EMA: ema <- ema + (1 - decay) (params - ema)
+            torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(step, tc.ema_decay))
+            step += 1
+            loss_sum += loss.detach()
+            n_sum += 1
+            bar.update(1)
+            # 6. log: the only place the loss is read back from the device
+            if step % tc.log_every == 0 or step == tc.steps:
+                now = time.time()
+                rate = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
+                history["step"].append(step)
+                history["loss"].append(loss_sum.item() / n_sum)
+                history["lr"].append(lr)
+                history["img_per_s"].append(rate)
+                bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", img_s=f"{rate:.0f}")
+                loss_sum.zero_()
+                n_sum, t_last, step_last = 0, now, step
+            # 7. sample, 8. checkpoint
+            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+                write_samples()
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+                write_checkpoint()
+            if step >= tc.steps:
+                break
+        sampler.epoch, sampler.skip = sampler.epoch + 1, 0
+    bar.close()
+    write_checkpoint()
+    if tc.sample_n:
+        write_samples()
+    return history
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """A Config from `--preset NAME` plus `--field value` overrides of any config field."""
+    parser = argparse.ArgumentParser(prog="python -m smol_diffusion.train",
+                                     description="Train a DDPM (Ho et al. 2020).")
+    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    for name, f in sorted(all_fields().items()):
+        parser.add_argument(f"--{name}", type=str, default=None, help=f"({f.type})")
+    args = vars(parser.parse_args(argv))
+    cfg = get_preset(args.pop("preset"))
+    fields = all_fields()
+    return cfg.override(**{name: _parse_value(name, text, fields[name].type)
+                           for name, text in args.items() if text is not None})
+
+
+def _parse_value(name: str, text: str, type_name: str):
+    """Parse `text` for field `name` as the type of its annotation (tuples comma-separated)."""
+    try:
+        if "tuple" in type_name:
+            return tuple(int(v) for v in text.split(",") if v.strip())
+        if text.lower() == "none" and "None" in type_name:
+            return None
+        if type_name.startswith("bool"):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError("expected true or false")
+            return text.lower() in ("true", "1")
+        if type_name.startswith("int"):
+            return int(float(text)) if "e" in text.lower() else int(text)
+        if type_name.startswith("float"):
+            return float(text)
+        return text
+    except ValueError as e:
+        raise SystemExit(f"--{name} {text!r}: {e} (the field is {type_name})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    cfg = parse_args(argv)
+    t0 = time.time()
+    try:
+        history = train(cfg)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
+        raise SystemExit(f"error: {e}") from None
+    print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f}s, final loss "
+          f"{history['loss'][-1]:.4f}; checkpoint and samples in {cfg.train.out_dir}/")
+
+
+if __name__ == "__main__":
+    main()

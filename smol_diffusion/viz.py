@@ -1,0 +1,91 @@
+"""Plotting: image grids, the forward process, the denoising trajectory, the loss curve."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import torch
+from torchvision.utils import make_grid, save_image
+
+from .diffusion import q_sample
+from .schedule import NoiseSchedule
+
+
+def to_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
+    """Images (B, C, H, W) in [-1, 1] as one (C, H', W') grid in [0, 1], `nrow` a row."""
+    nrow = nrow or max(1, round(len(images) ** 0.5))
+    x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+    return make_grid(x, nrow=nrow, padding=1, pad_value=1.0)
+
+
+def save_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
+    """Write images in [-1, 1] as one PNG grid; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(to_grid(images, nrow), path)
+    return path
+
+
+def show_grid(images: torch.Tensor, title: str | None = None, nrow: int | None = None,
+              ax: plt.Axes | None = None) -> plt.Axes:
+    """Draw images in [-1, 1] as a grid on `ax` (a new figure if None)."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 6))
+    grid = to_grid(images, nrow)
+    cmap = "gray" if grid.shape[0] == 1 else None
+    ax.imshow(grid[0] if cmap else grid.permute(1, 2, 0), cmap=cmap, vmin=0, vmax=1)
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title)
+    return ax
+
+
+def display_inline(path: str | Path) -> None:
+    """Show a PNG inline when running inside a Jupyter kernel; do nothing elsewhere."""
+    if "ipykernel" in sys.modules:
+        from IPython.display import Image, display
+
+        display(Image(filename=str(path)))
+
+
+def plot_forward_process(x0: torch.Tensor, schedule: NoiseSchedule, timesteps: list[int],
+                         generator: torch.Generator | None = None) -> plt.Figure:
+    """One image (C, H, W) noised by q(x_t | x_0) at each of `timesteps`, left to right."""
+    noise = torch.randn(x0.shape, generator=generator)
+    fig, axes = plt.subplots(1, len(timesteps), figsize=(1.6 * len(timesteps), 1.9))
+    for ax, t in zip(axes, timesteps):
+        xt = q_sample(schedule, x0[None], torch.tensor([t]), noise[None])
+        ab = float(schedule.alpha_bar[t])
+        show_grid(xt, title=f"t={t}\nᾱ={ab:.3f}", ax=ax)
+    fig.tight_layout()
+    return fig
+
+
+def plot_trajectory(frames: list[dict], n_show: int = 8, index: int = 0) -> plt.Figure:
+    """x_t (top) and x0_hat (bottom) of image `index` at `n_show` steps of a sampler's run.
+
+    `frames` are the dicts a sampler passes to its callback.
+    """
+    pick = torch.linspace(0, len(frames) - 1, min(n_show, len(frames))).round().long().tolist()
+    fig, axes = plt.subplots(2, len(pick), figsize=(1.6 * len(pick), 3.6), squeeze=False)
+    for col, k in enumerate(pick):
+        f = frames[k]
+        show_grid(f["x"][index:index + 1], title=f"t={f['t']}", ax=axes[0, col])
+        show_grid(f["x0_hat"][index:index + 1], ax=axes[1, col])
+    axes[0, 0].text(-0.15, 0.5, "x_t", transform=axes[0, 0].transAxes, ha="right")
+    axes[1, 0].text(-0.15, 0.5, "x̂_0", transform=axes[1, 0].transAxes, ha="right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_loss(history: dict, ax: plt.Axes | None = None) -> plt.Axes:
+    """The training loss against the step, on a log scale."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(history["step"], history["loss"])
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (MSE on eps)")
+    ax.grid(alpha=0.3)
+    return ax
