@@ -1,0 +1,38 @@
+"""The two command lines, run as a user runs them."""
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_train_then_sample(tmp_path):
+    out = tmp_path / "run"
+    r = run("smol_diffusion.train", "--preset", "demo", "--image_size", "8", "--channels", "16",
+            "--channel_mults", "1,2", "--steps", "6", "--batch_size", "8", "--warmup", "2",
+            "--log_every", "3", "--sample_n", "4", "--sample_steps", "3", "--out_dir", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "done: 6 steps" in r.stdout and "RuntimeWarning" not in r.stderr
+    assert (out / "ckpt.pt").exists() and (out / "samples_0000006.png").exists()
+    grid = tmp_path / "grid.png"
+    r = run("smol_diffusion.sample", "--checkpoint", str(out / "ckpt.pt"), "--n", "9",
+            "--steps", "4", "--out", str(grid))
+    assert r.returncode == 0, r.stderr
+    assert "9 images, 4 steps" in r.stdout
+    assert Image.open(grid).size == (3 * 8 + 4, 3 * 8 + 4)  # 3x3 grid, 1-pixel padding
+
+
+def test_bad_input_is_explained(tmp_path):
+    r = run("smol_diffusion.train", "--steps", "many")
+    assert r.returncode != 0 and "--steps 'many'" in r.stderr
+    r = run("smol_diffusion.train", "--dataset", "cars", "--root", str(tmp_path))
+    assert r.returncode != 0 and "vision/issues/7545" in r.stderr
+    r = run("smol_diffusion.sample", "--checkpoint", str(tmp_path / "nope.pt"))
+    assert r.returncode != 0 and "no checkpoint at" in r.stderr

@@ -1,0 +1,132 @@
+"""Training: the loss falls on a few images, checkpoints round-trip, resume continues."""
+import dataclasses
+import sys
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+import smol_diffusion
+from smol_diffusion import load_checkpoint
+from smol_diffusion.checkpoint import read_checkpoint, save_checkpoint
+from smol_diffusion.config import Config
+from smol_diffusion.train import ema_decay_at, lr_at, parse_args
+
+
+def test_overfits_a_few_images(tiny_cfg, monkeypatch):
+    """Four fixed images: the loss at low noise levels falls by a large factor."""
+    images = torch.rand(4, 1, 8, 8) * 2 - 1
+
+    class Four(Dataset):
+        def __len__(self):
+            return 256
+
+        def __getitem__(self, i):
+            return images[i % 4]
+
+    monkeypatch.setattr(sys.modules["smol_diffusion.train"], "make_dataset", lambda *a: Four())
+    cfg = tiny_cfg.override(steps=300, lr=3e-3, warmup=20, log_every=20, sample_every=0,
+                            checkpoint_every=0, sample_n=0, ema_decay=0.99)
+    history = smol_diffusion.train(cfg, progress=False)
+    first, last = history["loss"][0], min(history["loss"][-3:])
+    assert last < first / 5, history["loss"]
+
+
+def test_checkpoint_round_trip_and_resume(tiny_cfg, tmp_path):
+    history = smol_diffusion.train(tiny_cfg, progress=False)
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "ckpt.pt", "samples_0000020.png", "samples_0000040.png"]
+    ckpt = load_checkpoint(out / "ckpt.pt", device="cpu")
+    assert ckpt.step == 40 and ckpt.config == tiny_cfg
+    assert not ckpt.model.training
+    assert ckpt.history["loss"] == history["loss"]
+    x = ckpt.sample(3, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1
+    state = read_checkpoint(out / "ckpt.pt")
+    ema = {k: v for k, v in state["ema"].items()}
+    for k, v in ckpt.model.state_dict().items():
+        torch.testing.assert_close(v, ema[k])
+    # resume: the step count continues and the history grows
+    resumed = smol_diffusion.train(tiny_cfg.override(steps=60, resume=str(out / "ckpt.pt")),
+                                   progress=False)
+    assert resumed["step"][-1] == 60 and resumed["step"][:4] == history["step"]
+    assert load_checkpoint(out / "ckpt.pt").step == 60
+
+
+def test_resume_is_exact(tiny_cfg, tmp_path):
+    """40 steps, then resume to 60, equals 60 steps straight (same data order and noise).
+    A constant learning rate, since a cosine decay depends on the total step count."""
+    cfg = tiny_cfg.override(sample_every=0, sample_n=0, checkpoint_every=0, lr_schedule="constant")
+    a = smol_diffusion.train(cfg.override(steps=60, out_dir=str(tmp_path / "a")), progress=False)
+    smol_diffusion.train(cfg.override(steps=40, out_dir=str(tmp_path / "b")), progress=False)
+    b = smol_diffusion.train(cfg.override(steps=60, out_dir=str(tmp_path / "b"),
+                                          resume=str(tmp_path / "b" / "ckpt.pt")), progress=False)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_resume_with_another_architecture_is_refused(tiny_cfg, tmp_path):
+    smol_diffusion.train(tiny_cfg.override(steps=5, sample_n=0), progress=False)
+    other = tiny_cfg.override(channels=32, steps=10, resume=str(tmp_path / "run" / "ckpt.pt"))
+    with pytest.raises(ValueError, match="another architecture.*channels: checkpoint 16 vs config 32"):
+        smol_diffusion.train(other, progress=False)
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    bare = tmp_path / "bare.pt"
+    torch.save({"conv.weight": torch.zeros(1)}, bare)
+    with pytest.raises(ValueError, match="not a smol_diffusion checkpoint"):
+        load_checkpoint(bare)
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="could not read checkpoint"):
+        load_checkpoint(junk)
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_weights_that_do_not_fit_their_config(tiny_cfg, tmp_path):
+    smol_diffusion.train(tiny_cfg.override(steps=2, sample_n=0), progress=False)
+    path = tmp_path / "run" / "ckpt.pt"
+    state = read_checkpoint(path)
+    state["config"]["model"]["channels"] = 32
+    save_checkpoint(path, state)
+    with pytest.raises(ValueError, match="do not fit the model"):
+        load_checkpoint(path)
+
+
+def test_save_is_atomic(tmp_path, monkeypatch):
+    """A crash while writing leaves the old checkpoint whole and no temporary file behind."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, {"step": 1})
+    real_save = torch.save
+
+    def crash(obj, f):
+        real_save(obj, f)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_schedules():
+    tc = dataclasses.replace(Config().train, lr=1.0, warmup=10, steps=110, lr_schedule="cosine")
+    assert lr_at(0, tc) == pytest.approx(0.1) and lr_at(9, tc) == pytest.approx(1.0)
+    assert lr_at(60, tc) == pytest.approx(0.55) and lr_at(110, tc) == pytest.approx(0.1)
+    assert lr_at(50, dataclasses.replace(tc, lr_schedule="constant")) == 1.0
+    assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_cli_overrides():
+    cfg = parse_args(["--preset", "demo", "--lr", "1e-4", "--steps", "2000",
+                      "--attn_resolutions", "8,4", "--resume", "none", "--dataset", "cars"])
+    assert cfg.train.lr == 1e-4 and cfg.train.steps == 2000 and cfg.train.resume is None
+    assert cfg.model.attn_resolutions == (8, 4) and cfg.data.dataset == "cars"
+    with pytest.raises(SystemExit):
+        parse_args(["--steps", "many"])
+    with pytest.raises(ValueError, match="unknown config field"):
+        Config().override(learning_rate=1.0)

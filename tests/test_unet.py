@@ -1,0 +1,89 @@
+"""UNet shapes over configs and sizes, attention's symmetry, and clear errors."""
+import dataclasses
+
+import pytest
+import torch
+
+from smol_diffusion import ModelConfig, UNet, get_preset
+from smol_diffusion.unet import Attention
+
+SMALL = ModelConfig(image_size=16, in_channels=3, channels=16, channel_mults=(1, 2),
+                    num_res_blocks=1, attn_resolutions=(8,), heads=2, dropout=0.0)
+
+
+@pytest.mark.parametrize("changes,size", [
+    ({}, 16),
+    ({}, 24),  # any size divisible by 2^(levels-1), not only the configured one
+    ({"in_channels": 1, "out_channels": 1}, 16),
+    ({"channel_mults": (1, 2, 2), "attn_resolutions": (4,)}, 12),
+    ({"num_res_blocks": 2, "heads": 4, "dropout": 0.1}, 32),
+    ({"in_channels": 3, "out_channels": 6}, 8),
+])
+def test_output_shape(changes, size):
+    cfg = dataclasses.replace(SMALL, **changes)
+    model = UNet(cfg)
+    x = torch.randn(2, cfg.in_channels, size, size)
+    out = model(x, torch.tensor([0, 999]))
+    assert out.shape == (2, cfg.out_channels, size, size)
+
+
+def test_non_square_input():
+    out = UNet(SMALL)(torch.randn(1, 3, 16, 32), torch.tensor([5]))
+    assert out.shape == (1, 3, 16, 32)
+
+
+def test_presets_build_without_batchnorm():
+    for name in ("demo", "cars64"):
+        model = UNet(get_preset(name).model)
+        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        assert any(isinstance(m, Attention) for m in model.modules())
+
+
+def test_timestep_changes_the_output():
+    model = UNet(SMALL)
+    for p in model.parameters():  # leave the zero-initialised output layers non-zero
+        torch.nn.init.normal_(p, std=0.05)
+    x = torch.randn(1, 3, 16, 16)
+    assert not torch.allclose(model(x, torch.tensor([1])), model(x, torch.tensor([900])))
+
+
+def test_attention_is_permutation_equivariant_with_a_residual():
+    torch.manual_seed(0)
+    attn = Attention(8, heads=2)
+    torch.nn.init.normal_(attn.proj.weight, std=0.3)
+    x = torch.randn(2, 8, 4, 4)
+    perm = torch.randperm(16)
+    y = attn(x)
+    y_perm = attn(x.flatten(2)[:, :, perm].view(2, 8, 4, 4))
+    torch.testing.assert_close(y_perm.flatten(2), y.flatten(2)[:, :, perm], atol=1e-5, rtol=1e-5)
+    # zero output projection: the block is exactly the identity (the residual)
+    torch.nn.init.zeros_(attn.proj.weight)
+    torch.testing.assert_close(attn(x), x)
+
+
+def test_attention_heads_are_independent():
+    """Each head attends with its own channels: changing head 1's input leaves head 0's output."""
+    torch.manual_seed(0)
+    attn = Attention(4, heads=2)
+    attn.norm = torch.nn.Identity()
+    w = torch.zeros(12, 4, 1, 1)
+    w[torch.arange(12), torch.arange(12) % 4] = 1.0  # q = k = v = x, channel by channel
+    attn.qkv.weight.data, attn.qkv.bias.data = w, torch.zeros(12)
+    attn.proj.weight.data = torch.eye(4)[:, :, None, None]
+    attn.proj.bias.data.zero_()
+    x = torch.randn(1, 4, 3, 3)
+    x2 = x.clone()
+    x2[:, 2:] = torch.randn(1, 2, 3, 3)  # head 1 holds channels 2-3
+    torch.testing.assert_close(attn(x)[:, :2], attn(x2)[:, :2])
+    assert not torch.allclose(attn(x)[:, 2:], attn(x2)[:, 2:])
+
+
+def test_bad_sizes_give_clear_errors():
+    with pytest.raises(ValueError, match="not divisible"):
+        UNet(dataclasses.replace(SMALL, image_size=15))
+    with pytest.raises(ValueError, match="not divisible by 2"):
+        UNet(SMALL)(torch.randn(1, 3, 15, 16), torch.tensor([0]))
+    with pytest.raises(ValueError, match="channels"):
+        UNet(SMALL)(torch.randn(1, 1, 16, 16), torch.tensor([0]))
+    with pytest.raises(ValueError, match="attention heads"):
+        UNet(dataclasses.replace(SMALL, heads=3))
