@@ -1,10 +1,10 @@
-"""Are the demo's samples recognisable digits? A classifier trained on the same 5,000 digits judges.
+"""Are the demo's samples recognisable digits? A classifier fitted on the same digits judges.
 
     python benchmarks/demo_quality.py --checkpoint checkpoints/demo/ckpt.pt --n 500
 
-Trains a small CNN on the embedded digits at the checkpoint's resolution, draws n samples from the checkpoint's EMA model, and prints the
-share classified with probability >= 0.9, how many of the ten digits appear, and the timings.
-The issue's bar: >= 80% confident and all ten digits.
+Trains a small CNN on the embedded digits at the checkpoint's resolution, draws n samples from
+the checkpoint's EMA model, and prints the share classified with probability >= 0.9, how many
+of the ten digits appear, and the timings. The issue's bar: >= 80% confident, all ten digits.
 The judge is fitted on all 5,000 digits; the same recipe fitted on 4,500 reports its held-out
 accuracy and its confidence on 500 real digits it never saw (the ceiling for the samples).
 """

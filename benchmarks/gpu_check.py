@@ -100,7 +100,8 @@ def throughput(bf16: bool, compile_: bool, batch: int = 64, steps: int = 30) -> 
         times.append((time.perf_counter() - t0) / (steps // 3))
     t = sorted(times)[1]
     return {"img_s": batch / t, "tflops": flops / t / 1e12, "warmup_s": warm,
-            "mem_gib": torch.cuda.max_memory_allocated() / 2**30, "gflop_per_img": flops / batch / 1e9}
+            "mem_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "gflop_per_img": flops / batch / 1e9}
 
 
 def main() -> None:
@@ -113,7 +114,8 @@ def main() -> None:
     peak_bf16, peak_tf32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     print(f"[peak] measured 8192^3 matmul: bf16 {peak_bf16:.0f} TFLOP/s, "
           f"tf32 {peak_tf32:.0f} TFLOP/s")
-    print(f"[params] cars64 {sum(p.numel() for p in sd.UNet(sd.get_preset('cars64').model).parameters()) / 1e6:.2f}M")
+    n_params = sum(p.numel() for p in sd.UNet(sd.get_preset("cars64").model).parameters())
+    print(f"[params] cars64 {n_params / 1e6:.2f}M")
     for bf16, compile_ in ((False, False), (True, False), (True, True)):
         name = f"{'bf16' if bf16 else 'fp32/tf32'}{' + compile' if compile_ else ''}"
         try:
@@ -124,7 +126,8 @@ def main() -> None:
         peak = peak_bf16 if bf16 else peak_tf32
         print(f"[throughput] cars64 B=64 {name}: {r['img_s']:.0f} img/s, {r['tflops']:.1f} "
               f"TFLOP/s ({r['gflop_per_img']:.1f} GFLOP/img fwd+bwd), MFU {r['tflops'] / peak:.1%} "
-              f"of measured {peak:.0f}, peak mem {r['mem_gib']:.1f} GiB, warmup {r['warmup_s']:.0f}s")
+              f"of measured {peak:.0f}, peak mem {r['mem_gib']:.1f} GiB, "
+              f"warmup {r['warmup_s']:.0f}s")
         print(f"[throughput] original's 6.1M images at this rate: "
               f"{6.1e6 / r['img_s'] / 3600:.2f} h")
 

@@ -16,7 +16,7 @@ from .config import ModelConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps (Vaswani et al. 2017, Sec. 3.5): (B,) -> (B, dim)."""
+    """Sinusoidal embedding of timesteps (Vaswani et al. 2017, Sec. 3.5): (B,) -> (B, dim)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]  # (B, half)
@@ -96,7 +96,8 @@ class UNet(nn.Module):
                              f"which {levels} channel multipliers need")
         attn_levels = {i for i in range(levels) if cfg.image_size // 2**i in cfg.attn_resolutions}
         emb_dim = 4 * ch
-        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
+                                      nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         def block(i: int, o: int, level: int) -> nn.ModuleList:

@@ -6,7 +6,8 @@ from PIL import Image
 from scipy.io import savemat
 
 from smol_diffusion import DataConfig
-from smol_diffusion.data import DatasetError, make_dataset, mnist_5k, mnist_5k_arrays, stanford_cars_files
+from smol_diffusion.data import (DatasetError, make_dataset, mnist_5k, mnist_5k_arrays,
+                                 stanford_cars_files)
 
 
 def write_image(path, size=(40, 30), color=(200, 30, 30)):
@@ -25,10 +26,11 @@ def write_annotations(path, names):
 @pytest.fixture
 def torchvision_layout(tmp_path):
     base = tmp_path / "stanford_cars"
-    for split, names in (("train", ["00001.jpg", "00002.jpg", "00003.jpg"]), ("test", ["00001.jpg"])):
+    train = ["00001.jpg", "00002.jpg", "00003.jpg"]
+    for split, names in (("train", train), ("test", ["00001.jpg"])):
         for n in names:
             write_image(base / f"cars_{split}" / n)
-    write_annotations(base / "devkit" / "cars_train_annos.mat", ["00001.jpg", "00002.jpg", "00003.jpg"])
+    write_annotations(base / "devkit" / "cars_train_annos.mat", train)
     write_annotations(base / "cars_test_annos_withlabels.mat", ["00001.jpg"])
     write_image(base / "cars_train" / "stray.jpg")  # not in the annotations: ignored
     return tmp_path

@@ -14,7 +14,8 @@ def test_linear_matches_ho_et_al():
     assert s.betas.dtype == torch.float64 and s.betas.shape == (1000,)
     assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
     # alpha_bar_t = prod_{s<=t} (1 - beta_s), Ho et al. Eq. 4
-    assert s.alpha_bar[499].item() == pytest.approx(math.prod(1 - b for b in s.betas[:500].tolist()))
+    expected = math.prod(1 - b for b in s.betas[:500].tolist())
+    assert s.alpha_bar[499].item() == pytest.approx(expected)
     # Stored reference value (catches silent drift): alpha_bar_{T-1} of the linear schedule.
     assert s.alpha_bar[-1].item() == pytest.approx(4.035e-05, rel=1e-3)
 
@@ -38,8 +39,9 @@ def test_posterior_matches_eq7():
     s = NoiseSchedule.cosine(100)
     for t in (1, 37, 99):
         ab, ab_prev, b = s.alpha_bar[t], s.alpha_bar[t - 1], s.betas[t]
-        assert s.posterior_variance[t].item() == pytest.approx(((1 - ab_prev) / (1 - ab) * b).item())
-        assert s.posterior_mean_coef1[t].item() == pytest.approx((ab_prev.sqrt() * b / (1 - ab)).item())
+        var, coef1 = (1 - ab_prev) / (1 - ab) * b, ab_prev.sqrt() * b / (1 - ab)
+        assert s.posterior_variance[t].item() == pytest.approx(var.item())
+        assert s.posterior_mean_coef1[t].item() == pytest.approx(coef1.item())
         assert s.posterior_mean_coef2[t].item() == pytest.approx(
             ((1 - s.betas[t]).sqrt() * (1 - ab_prev) / (1 - ab)).item())
     assert s.posterior_variance[0].item() == 0
@@ -51,7 +53,7 @@ def test_posterior_is_the_bayes_posterior():
     """q(x_{t-1}|x_t,x_0) from Eq. 7 equals the Gaussian conditional computed by hand."""
     s = NoiseSchedule.linear(1000)
     t = torch.tensor([300])
-    x0, xt = torch.randn(1, 1, 4, 4, dtype=torch.float64), torch.randn(1, 1, 4, 4, dtype=torch.float64)
+    x0, xt = torch.randn(2, 1, 1, 4, 4, dtype=torch.float64)
     mean, var = q_posterior(s, x0.float(), xt.float(), t)
     # x_{t-1} ~ N(sqrt(ab_prev) x0, 1 - ab_prev); x_t | x_{t-1} ~ N(sqrt(a_t) x_{t-1}, beta_t)
     ab_prev, a, b = s.alpha_bar[299], s.alphas[300], s.betas[300]

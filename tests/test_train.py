@@ -68,7 +68,8 @@ def test_resume_is_exact(tiny_cfg, tmp_path):
 def test_resume_with_another_architecture_is_refused(tiny_cfg, tmp_path):
     smol_diffusion.train(tiny_cfg.override(steps=5, sample_n=0), progress=False)
     other = tiny_cfg.override(channels=32, steps=10, resume=str(tmp_path / "run" / "ckpt.pt"))
-    with pytest.raises(ValueError, match="another architecture.*channels: checkpoint 16 vs config 32"):
+    with pytest.raises(ValueError, match="another architecture.*channels: checkpoint 16 vs "
+                                         "config 32"):
         smol_diffusion.train(other, progress=False)
 
 

@@ -35,7 +35,8 @@ def test_non_square_input():
 def test_presets_build_without_batchnorm():
     for name in ("demo", "cars64"):
         model = UNet(get_preset(name).model)
-        assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert not norms
         assert any(isinstance(m, Attention) for m in model.modules())
 
 
