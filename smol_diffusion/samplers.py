@@ -40,12 +40,7 @@ def sample_ddpm(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, *,
     with sigma_t^2 = beta_tilde_t ("small") or beta_t ("large"; its first entry replaced by
     beta_tilde_1 as in improved-diffusion); the last step returns the mean.
     """
-    if variance not in ("small", "large"):
-        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
-    if variance == "small":
-        log_var = schedule.posterior_log_variance_clipped
-    else:
-        log_var = torch.log(torch.cat([schedule.posterior_variance[1:2], schedule.betas[1:]]))
+    log_var = schedule.reverse_log_variance(variance)
     B = x.shape[0]
     for n, i in enumerate(reversed(range(schedule.T))):
         idx = torch.full((B,), i, device=x.device, dtype=torch.long)

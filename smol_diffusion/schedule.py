@@ -69,6 +69,16 @@ class NoiseSchedule:
         """Number of steps in this schedule."""
         return len(self.betas)
 
+    def reverse_log_variance(self, variance: str) -> torch.Tensor:
+        """log sigma_t^2 of the fixed reverse variance p(x_{t-1} | x_t) (Ho et al. Sec. 3.2):
+        "small" is beta_tilde_t, "large" is beta_t with its first entry replaced by
+        beta_tilde_1 (as improved-diffusion does, so the decoder at t=0 is not too wide)."""
+        if variance == "small":
+            return self.posterior_log_variance_clipped
+        if variance == "large":
+            return torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]]))
+        raise ValueError(f"variance must be 'small' or 'large', got {variance!r}")
+
     @classmethod
     def linear(cls, T: int = 1000) -> NoiseSchedule:
         """Ho et al. 2020: betas linear from 1e-4 to 0.02 at T=1000.

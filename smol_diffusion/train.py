@@ -15,10 +15,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from .checkpoint import check_same_model, load_weights, read_checkpoint, save_checkpoint
+from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkpoint,
+                         save_checkpoint)
 from .config import PRESETS, Config, all_fields, get_preset
 from .data import make_dataset
 from .diffusion import simple_loss
+from .evaluate import SAMPLE_METRICS, evaluate
 from .hardware import autocast, pick_device, use_bf16
 from .samplers import sample
 from .schedule import NoiseSchedule
@@ -57,7 +59,8 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 
 def train(cfg: Config, progress: bool = True) -> dict:
-    """Train a DDPM as `cfg` describes; returns the history {"step", "loss", "lr", "img_per_s"}.
+    """Train a DDPM as `cfg` describes; returns the history {"step", "loss", "lr", "img_per_s",
+    "eval"} ("eval": a dict of metrics for each `eval_every` steps, see `evaluate`).
 
     Writes `out_dir/ckpt.pt` (atomically) every `checkpoint_every` steps and at the end, and a
     sample grid from the EMA model to `out_dir/samples_<step>.png` every `sample_every` steps
@@ -90,14 +93,14 @@ def train(cfg: Config, progress: bool = True) -> dict:
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                             fused=device.type == "cuda")
-    step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": []}
+    step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "eval": []}
     if tc.resume:
         state = read_checkpoint(tc.resume)
         check_same_model(state, cfg, tc.resume)
         load_weights(model, state["model"], tc.resume)
         load_weights(ema, state["ema"], tc.resume)
         opt.load_state_dict(state["optimizer"])
-        step, history = int(state["step"]), state.get("history", history)
+        step, history = int(state["step"]), history | state.get("history", {})
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and "cuda" in state["rng"]:
             torch.cuda.set_rng_state(state["rng"]["cuda"])
@@ -111,6 +114,12 @@ def train(cfg: Config, progress: bool = True) -> dict:
                    steps=cfg.diffusion.sample_steps, generator=gen,
                    variance=cfg.diffusion.variance, bf16=bf16)
         display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png"))
+
+    def run_eval() -> dict:
+        rows = evaluate(Checkpoint(ema, schedule, cfg, step, history), tc.eval_n,
+                        metrics=SAMPLE_METRICS if cfg.data.dataset == "mnist" else ("fid", "kid"),
+                        seed=tc.seed, progress=False)
+        return {"step": step} | {r["metric"]: r["value"] for r in rows}
 
     def write_checkpoint() -> None:
         rng = {"torch": torch.get_rng_state()}
@@ -158,9 +167,13 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", img_s=f"{rate:.0f}")
                 loss_sum.zero_()
                 n_sum, t_last, step_last = 0, now, step
-            # 7. sample, 8. checkpoint
+            # 7. sample and evaluate, 8. checkpoint
             if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
                 write_samples()
+            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+                history["eval"].append(run_eval())
+                bar.set_postfix(loss=f"{history['loss'][-1]:.4f}",
+                                fid=f"{history['eval'][-1]['fid']:.3g}")
             if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
                 write_checkpoint()
             if step >= tc.steps:

@@ -1,26 +1,10 @@
 """The ancestral sampler with the exact denoiser of Gaussian data, whose answer is known."""
 import pytest
 import torch
-from torch import nn
 
 from smol_diffusion import NoiseSchedule, sample
 
-
-class GaussianDenoiser(nn.Module):
-    """The exact eps-prediction for data x0 ~ N(0, sigma_d^2 I):
-    E[eps | x_t] = sqrt(1 - ab_t) x_t / (ab_t sigma_d^2 + 1 - ab_t)."""
-
-    def __init__(self, schedule: NoiseSchedule, sigma_d: float):
-        super().__init__()
-        self.register_buffer("alpha_bar", schedule.alpha_bar.float())
-        self.sigma_d = sigma_d
-        self.dummy = nn.Parameter(torch.zeros(()))  # gives the module a device
-        self.seen = []
-
-    def forward(self, x, t):
-        self.seen.append(int(t[0]))
-        ab = self.alpha_bar[t].view(-1, 1, 1, 1)
-        return (1 - ab).sqrt() * x / (ab * self.sigma_d**2 + 1 - ab)
+from conftest import GaussianDenoiser
 
 
 def draw(sigma_d, steps, variance, n=2000):

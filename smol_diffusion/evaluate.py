@@ -1,0 +1,248 @@
+"""Evaluation of a checkpoint: FID, KID, recognisability and bits/dim, and its command line:
+
+    python -m smol_diffusion.evaluate --checkpoint checkpoints/demo/ckpt.pt --n 2000
+
+Samples are compared with the reference statistics of the data the model was trained on
+(computed once per dataset, resolution and extractor, cached under data/cache/). Every result
+row says how many images it used, which extractor, sampler and steps, and how long it took
+(sampling and feature extraction included, shared by the metrics computed from one sample).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, load_checkpoint
+from .config import Config
+from .data import ImageFiles, make_dataset
+from .features import Extractor, digit_extractor, inception_extractor
+from .likelihood import bits_per_dim
+from .metrics import frechet_distance, gaussian_stats, kid, recognisability
+
+SAMPLE_METRICS = ("fid", "kid", "recognisable")
+METRICS = SAMPLE_METRICS + ("bpd",)
+KID_REFERENCE_MAX = 10_000  # real features kept in the cache for KID
+
+
+def get_extractor(name: str | None, cfg: Config, cache_dir: str | Path = "data/cache",
+                  inception_weights: str | Path | None = None,
+                  device: torch.device | str = "cpu") -> Extractor:
+    """The extractor `name`, or the default for the config's data: "digits" for the embedded
+    digits, "inception" for anything else."""
+    name = name or ("digits" if cfg.data.dataset == "mnist" else "inception")
+    if name == "digits":
+        if cfg.data.dataset != "mnist":
+            raise ValueError("the digits extractor only knows the embedded digits; use inception")
+        return digit_extractor(cfg.model.image_size, cache_dir, device)
+    if name == "inception":
+        return inception_extractor(inception_weights, device)
+    raise ValueError(f"unknown extractor {name!r}; use 'digits' or 'inception'")
+
+
+def _dataset(cfg: Config, split: str | None = None):
+    """The config's dataset (or another split of it) without random flips."""
+    data = dataclasses.replace(cfg.data, hflip=False, split=split or cfg.data.split)
+    return make_dataset(data, cfg.model.image_size, cfg.model.in_channels)
+
+
+def dataset_fingerprint(dataset) -> str:
+    """A hash of what the dataset holds: file names, sizes and times, or the image tensor."""
+    h = hashlib.sha256()
+    if isinstance(dataset, ImageFiles):
+        for p in dataset.paths:
+            st = p.stat()
+            h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+        h.update(f"{dataset.image_size}:{dataset.mode}".encode())
+    else:
+        h.update(dataset.images.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _loader_features(dataset, extractor: Extractor, batch_size: int, num_workers: int,
+                     progress: bool, desc: str) -> np.ndarray:
+    # its own generator: starting the loader draws no numbers from the global RNG
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
+                        generator=torch.Generator())
+    return np.concatenate([extractor.features(x) for x in tqdm(
+        loader, desc=desc, disable=not progress, leave=False)])
+
+
+def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "data/cache",
+                    batch_size: int = 200, progress: bool = True) -> dict:
+    """Mean, covariance and (up to 10,000) features of the training data in the extractor's
+    space: {"mu", "sigma", "features", "n"}. Cached under a name holding a hash of the data's
+    fingerprint, the resolution and the extractor's weights, so a stale cache never matches."""
+    dataset = _dataset(cfg)
+    key = json.dumps({"data": dataset_fingerprint(dataset), "size": cfg.model.image_size,
+                      "channels": cfg.model.in_channels, "extractor": extractor.name,
+                      "weights": extractor.key, "version": 1}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / (f"ref_{cfg.data.dataset}_{cfg.data.split}_"
+                              f"{cfg.model.image_size}px_{extractor.name}_{digest}.npz")
+    if path.is_file():
+        with np.load(path) as f:
+            if str(f["key"]) == key:
+                return {k: f[k] for k in ("mu", "sigma", "features")} | {"n": int(f["n"])}
+    feats = _loader_features(dataset, extractor, batch_size, cfg.data.num_workers, progress,
+                             "reference features")
+    mu, sigma = gaussian_stats(feats)
+    keep = np.random.default_rng(0).permutation(len(feats))[:KID_REFERENCE_MAX]
+    stats = {"mu": mu, "sigma": sigma, "features": feats[np.sort(keep)], "n": len(feats)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, key=key, **stats)
+    tmp.replace(path)  # atomic: a crash leaves no half-written cache
+    return stats
+
+
+def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: bool,
+                    sampler: str, steps: int | None, batch_size: int, seed: int,
+                    progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (and class probabilities) of n samples, drawn and embedded batch by batch."""
+    gen = torch.Generator().manual_seed(seed)
+    feats, probs = [], []
+    for i in tqdm(range(0, n, batch_size), desc=f"sampling {n}", disable=not progress,
+                  leave=False):
+        x = ckpt.sample(min(batch_size, n - i), sampler=sampler, steps=steps, generator=gen)
+        feats.append(extractor.features(x))
+        if want_probs:
+            probs.append(extractor.probs(x))
+    return np.concatenate(feats), np.concatenate(probs) if want_probs else None
+
+
+def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] = METRICS,
+             extractor: str | Extractor | None = None, sampler: str = "ddpm",
+             steps: int | None = None, real: bool = False, bpd_n: int = 500,
+             batch_size: int = 250, seed: int = 0, cache_dir: str | Path = "data/cache",
+             inception_weights: str | Path | None = None, progress: bool = True) -> list[dict]:
+    """Score a checkpoint's EMA model; returns one row per metric:
+    {"metric", "value", "std" (KID), "n", "extractor", "sampler", "steps", "seconds"}.
+
+    fid, kid and recognisable (the share of samples the digit classifier assigns a class
+    with p >= 0.9; the row also gives how many of the ten classes appear) use n samples
+    against the reference statistics of the training data; with `real`, n real training
+    images stand in for the samples, giving the floor each metric can reach at that n. bpd
+    is the variational bound on bpd_n held-out images (the test split, when the model trained
+    on the train split), with the checkpoint's reverse variance.
+    """
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    if n < 2:
+        raise ValueError(f"n must be at least 2, got {n}")
+    cfg, device = ckpt.config, next(ckpt.model.parameters()).device
+    steps = steps or cfg.diffusion.sample_steps
+    rows = []
+    if any(m in SAMPLE_METRICS for m in metrics):
+        t0 = time.time()
+        if not isinstance(extractor, Extractor):
+            extractor = get_extractor(extractor, cfg, cache_dir, inception_weights, device)
+        if "recognisable" in metrics and extractor.name != "digits":
+            raise ValueError("recognisable needs the digits extractor")
+        ref = reference_stats(cfg, extractor, cache_dir, progress=progress)
+        if real:
+            data = _dataset(cfg)
+            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
+            x = torch.stack([data[int(i)] for i in pick])
+            feats = extractor.features(x)
+            probs = extractor.probs(x) if "recognisable" in metrics else None
+            n, source, n_steps = len(pick), f"real ({cfg.data.split} split)", None
+        else:
+            feats, probs = _sample_batches(ckpt, n, extractor, "recognisable" in metrics,
+                                           sampler, steps, batch_size, seed, progress)
+            source, n_steps = sampler, steps
+        shared = time.time() - t0  # extractor, reference statistics, samples, features
+        base = {"n": n, "extractor": extractor.name, "sampler": source, "steps": n_steps}
+        for metric in [m for m in SAMPLE_METRICS if m in metrics]:
+            t2 = time.time()
+            if metric == "fid":
+                row = {"value": frechet_distance(*gaussian_stats(feats), ref["mu"], ref["sigma"])}
+            elif metric == "kid":
+                mean, std = kid(feats, ref["features"], seed=seed)
+                row = {"value": mean, "std": std}
+            else:
+                row = recognisability(probs)
+            rows.append({"metric": metric, **row, **base,
+                         "seconds": round(shared + time.time() - t2, 2)})
+    if "bpd" in metrics and not real:
+        t0 = time.time()
+        split = "test" if cfg.data.split == "train" else cfg.data.split
+        data = _dataset(cfg, split)
+        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:bpd_n]
+        x0 = torch.stack([data[int(i)] for i in pick]).to(device)
+        bpd = torch.cat([bits_per_dim(ckpt.model, ckpt.schedule, x0[i:i + batch_size],
+                                      variance=cfg.diffusion.variance, progress=progress,
+                                      generator=torch.Generator(device).manual_seed(seed + i))
+                         ["bpd"] for i in range(0, len(x0), batch_size)])
+        rows.append({"metric": "bpd", "value": bpd.mean().item(),
+                     "std": bpd.std().item() / len(bpd) ** 0.5, "n": len(bpd),
+                     "extractor": None, "sampler": f"bound on {split} split",
+                     "steps": ckpt.schedule.T, "seconds": round(time.time() - t0, 2)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table."""
+    lines = [f"{'metric':<13}{'value':>18}{'n':>7}  {'extractor':<10}{'sampler':<22}"
+             f"{'steps':>6}{'seconds':>9}"]
+    for r in rows:
+        value = f"{r['value']:.4g}" + (f" ± {r['std']:.2g}" if "std" in r else "")
+        if r["metric"] == "recognisable":
+            value = f"{r['value']:.1%} ({r['classes']}/10)"
+        lines.append(f"{r['metric']:<13}{value:>18}{r['n']:>7}  {str(r['extractor']):<10}"
+                     f"{str(r['sampler']):<22}{str(r['steps']):>6}{r['seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(prog="python -m smol_diffusion.evaluate",
+                                     description="FID, KID, recognisability and bits/dim.")
+    parser.add_argument("--checkpoint", required=True, help="a ckpt.pt written by training")
+    parser.add_argument("--n", type=int, default=500, help="samples for fid/kid/recognisable")
+    parser.add_argument("--sampler", default="ddpm")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sampling steps (default: the checkpoint's sample_steps)")
+    parser.add_argument("--metrics", default=",".join(METRICS),
+                        help=f"comma-separated, from {','.join(METRICS)}")
+    parser.add_argument("--extractor", choices=["digits", "inception"], default=None,
+                        help="default: digits for the embedded digits, else inception")
+    parser.add_argument("--inception-weights", default=None,
+                        help="path of the FID Inception weights (default: torch hub's cache)")
+    parser.add_argument("--bpd-n", type=int, default=500, help="held-out images for bits/dim")
+    parser.add_argument("--real", action="store_true",
+                        help="score n real training images instead of samples (the floor)")
+    parser.add_argument("--batch", type=int, default=250, help="images per network call")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default="data/cache")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=None,
+                        help="JSON file for the results (default: eval.json beside the checkpoint)")
+    args = parser.parse_args(argv)
+    try:
+        ckpt = load_checkpoint(args.checkpoint, device=args.device)
+        rows = evaluate(ckpt, args.n, metrics=tuple(m for m in args.metrics.split(",") if m),
+                        extractor=args.extractor, sampler=args.sampler, steps=args.steps,
+                        real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
+                        seed=args.seed, cache_dir=args.cache_dir,
+                        inception_weights=args.inception_weights)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
+        raise SystemExit(f"error: {e}") from None
+    print(format_table(rows))
+    out = Path(args.out or Path(args.checkpoint).with_name("eval.json"))
+    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": ckpt.step,
+                               "results": rows}, indent=1) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()
