@@ -127,7 +127,7 @@ def field_owner(name: str) -> str | None:
 
 PRESETS: dict[str, Config] = {
     # The embedded 5,000 MNIST digits on a 2-core CPU, sampling included, in under 5 minutes.
-    # Measured there (benchmarks/demo_quality.py): 16x16 fits the budget (28x28 trains 4x
+    # Measured there (recognisable digits, see the README): 16x16 fits the budget (28x28 trains 4x
     # slower per image); the cosine schedule and Min-SNR-5 weighting each made clearly more
     # samples recognisable than the linear schedule and L_simple; and within the budget a
     # narrow UNet taking many steps beat a wider one taking fewer (16 channels, 2,000 steps:

@@ -119,21 +119,28 @@ def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: 
     return np.concatenate(feats), np.concatenate(probs) if want_probs else None
 
 
-def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] = METRICS,
+def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None = None,
              extractor: str | Extractor | None = None, sampler: str = "ddpm",
              steps: int | None = None, real: bool = False, bpd_n: int = 500,
              batch_size: int = 250, seed: int = 0, cache_dir: str | Path = "data/cache",
              inception_weights: str | Path | None = None, progress: bool = True) -> list[dict]:
-    """Score a checkpoint's EMA model; returns one row per metric:
+    """Score a checkpoint's EMA model on `metrics` (default: all that apply); returns one row
+    per metric:
     {"metric", "value", "std" (KID), "n", "extractor", "sampler", "steps", "seconds"}.
 
     fid, kid and recognisable (the share of samples the digit classifier assigns a class
     with p >= 0.9; the row also gives how many of the ten classes appear) use n samples
-    against the reference statistics of the training data; with `real`, n real training
-    images stand in for the samples, giving the floor each metric can reach at that n. bpd
+    against the reference statistics of the training data; with `real`, n real images stand
+    in for the samples, giving the floor each metric can reach at that n (held-out images
+    when the model trained on the train split and the test split has n, else training images,
+    which the reference statistics also hold). bpd
     is the variational bound on bpd_n held-out images (the test split, when the model trained
     on the train split), with the checkpoint's reverse variance.
     """
+    if metrics is None:  # all that apply: recognisability needs the digit classifier
+        name = extractor.name if isinstance(extractor, Extractor) else extractor
+        digits = name == "digits" or (name is None and ckpt.config.data.dataset == "mnist")
+        metrics = METRICS if digits else ("fid", "kid", "bpd")
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
@@ -149,13 +156,16 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] = METRI
         if "recognisable" in metrics and extractor.name != "digits":
             raise ValueError("recognisable needs the digits extractor")
         ref = reference_stats(cfg, extractor, cache_dir, progress=progress)
-        if real:
-            data = _dataset(cfg)
+        if real:  # held-out images where there are enough, else training images
+            split = cfg.data.split
+            if split == "train" and len(_dataset(cfg, "test")) >= n:
+                split = "test"
+            data = _dataset(cfg, split)
             pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
             x = torch.stack([data[int(i)] for i in pick])
             feats = extractor.features(x)
             probs = extractor.probs(x) if "recognisable" in metrics else None
-            n, source, n_steps = len(pick), f"real ({cfg.data.split} split)", None
+            n, source, n_steps = len(pick), f"real ({split} split)", None
         else:
             feats, probs = _sample_batches(ckpt, n, extractor, "recognisable" in metrics,
                                            sampler, steps, batch_size, seed, progress)
@@ -212,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the checkpoint's sample_steps)")
-    parser.add_argument("--metrics", default=",".join(METRICS),
-                        help=f"comma-separated, from {','.join(METRICS)}")
+    parser.add_argument("--metrics", default=None,
+                        help=f"comma-separated, from {','.join(METRICS)} (default: all that "
+                             "apply; recognisable needs the digits extractor)")
     parser.add_argument("--extractor", choices=["digits", "inception"], default=None,
                         help="default: digits for the embedded digits, else inception")
     parser.add_argument("--inception-weights", default=None,
@@ -230,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
-        rows = evaluate(ckpt, args.n, metrics=tuple(m for m in args.metrics.split(",") if m),
+        metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
+        rows = evaluate(ckpt, args.n, metrics=metrics,
                         extractor=args.extractor, sampler=args.sampler, steps=args.steps,
                         real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
                         seed=args.seed, cache_dir=args.cache_dir,

@@ -16,7 +16,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
                  "out_dir": str(tmp_path / "run")}
     out = tmp_path / "out.ipynb"
     papermill.execute_notebook(str(ROOT / "DDPM_train_and_sample.ipynb"), str(out),
-                               parameters={"preset": "demo", "overrides": overrides},
+                               parameters={"preset": "demo", "overrides": overrides,
+                                           "evaluation": {"n": 16, "bpd_n": 4, "batch_size": 16,
+                                                          "cache_dir": str(tmp_path / "cache")}},
                                cwd=str(ROOT), progress_bar=False, kernel_name="python3")
     import nbformat
 
@@ -27,3 +29,5 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert len(images) >= 8
     assert (tmp_path / "run" / "ckpt.pt").exists()
     assert not any(o.get("output_type") == "error" for o in outputs)
+    text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
+    assert "recognisable" in text and "bpd" in text and "real (test split)" in text
