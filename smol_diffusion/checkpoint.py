@@ -86,13 +86,15 @@ class Checkpoint:
 
     def sample(self, n: int, *, generator: torch.Generator | None = None,
                steps: int | None = None, **kwargs) -> torch.Tensor:
-        """n images in [-1, 1] from the EMA model; `steps` and `variance` default to the
-        config's, other keywords go to `smol_diffusion.sample`."""
-        m = self.config.model
-        kwargs.setdefault("variance", self.config.diffusion.variance)
+        """n images in [-1, 1] from the EMA model. The sampler, steps, spacing, variance and
+        prediction default to the config's; other keywords go to `smol_diffusion.sample`."""
+        m, d = self.config.model, self.config.diffusion
+        for name in ("sampler", "spacing", "variance", "prediction"):
+            kwargs.setdefault(name, getattr(d, name))
+        if kwargs.get("timesteps") is None:
+            steps = steps or d.sample_steps
         return sample(self.model, self.schedule, (n, m.in_channels, m.image_size, m.image_size),
-                      steps=steps or self.config.diffusion.sample_steps, generator=generator,
-                      **kwargs)
+                      steps=steps, generator=generator, **kwargs)
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> Checkpoint:
@@ -102,5 +104,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> Ch
     model = UNet(cfg.model)
     load_weights(model, state["ema"], path)
     model.to(pick_device(device) if isinstance(device, str) else device).eval()
-    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T)
+    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T,
+                                       cfg.diffusion.zero_terminal_snr)
     return Checkpoint(model, schedule, cfg, int(state["step"]), state.get("history", {}))

@@ -33,13 +33,31 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The forward process and how samples are drawn during training."""
+    """The forward process, what the network predicts, and how samples are drawn."""
 
     T: int = 1000  # diffusion steps the model is trained with
     schedule: str = "linear"  # "linear" (Ho et al. 2020) or "cosine" (Nichol & Dhariwal 2021)
-    sample_steps: int = 100  # sampling steps for grids: a respacing of the T-step schedule
-    variance: str = "small"  # reverse variance: "small" beta_tilde_t or "large" beta_t
+    zero_terminal_snr: bool = False  # rescale so alpha_bar_T = 0 (Lin et al. 2023); needs v or x0
+    prediction: str = "eps"  # the network's target: "eps", "x0" or "v" (Salimans & Ho 2022)
     min_snr_gamma: float | None = None  # None: L_simple; a number: Min-SNR-gamma weighting
+    sampler: str = "ddpm"  # "ddpm" (ancestral), "ddim", "dpm++2m" or "dpm++3m"
+    sample_steps: int = 100  # network calls per sample: a respacing of the T-step schedule
+    spacing: str = "trailing"  # which timesteps: "trailing", "linspace" or "leading"
+    variance: str = "small"  # the ancestral sampler's: "small" beta_tilde_t or "large" beta_t
+
+    def __post_init__(self) -> None:
+        for name, allowed in [("schedule", ("linear", "cosine")),
+                              ("prediction", ("eps", "x0", "v")),
+                              ("sampler", ("ddpm", "ddim", "dpm++2m", "dpm++3m")),
+                              ("spacing", ("trailing", "linspace", "leading")),
+                              ("variance", ("small", "large"))]:
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got "
+                                 f"{getattr(self, name)!r}")
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ValueError("with zero_terminal_snr the last step holds no signal, so eps "
+                             "cannot be turned into x0 there; use prediction='v' (Lin et al. "
+                             "2023) or 'x0'")
 
 
 @dataclass

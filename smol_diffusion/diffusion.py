@@ -23,39 +23,71 @@ def q_posterior(schedule: NoiseSchedule, x0: torch.Tensor, xt: torch.Tensor,
     return mean, extract(schedule.posterior_variance, t, xt.shape)
 
 
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def target(x0: torch.Tensor, eps: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+           prediction: str) -> torch.Tensor:
+    """What the network learns to output for x_t = alpha x0 + sigma eps: eps (Ho et al.), x0,
+    or v = alpha eps - sigma x0 (Salimans & Ho 2022, Sec. 4)."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0
+    if prediction == "v":
+        return alpha * eps - sigma * x0
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
+def eps_x0_from_output(out: torch.Tensor, xt: torch.Tensor, alpha: torch.Tensor,
+                       sigma: torch.Tensor, prediction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_hat, x0_hat) from the network's output `out`, the inverse of `target`."""
+    if prediction == "eps":
+        return out, (xt - sigma * out) / alpha  # Eq. 15 (Ho et al.)
+    if prediction == "x0":
+        return (xt - alpha * out) / sigma, out
+    if prediction == "v":
+        return sigma * xt + alpha * out, alpha * xt - sigma * out  # Salimans & Ho, Sec. 4
+    raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+
+
 def denoise(model: nn.Module, schedule: NoiseSchedule, xt: torch.Tensor, i: torch.Tensor,
-            clip: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            clip: bool = True, prediction: str = "eps") -> tuple[torch.Tensor, torch.Tensor]:
     """Run the network and return (eps_hat, x0_hat) at step indices i (B,) of `schedule`.
 
     The network is called with the training timesteps `schedule.timesteps[i]`, so a respaced
-    schedule feeds it the timesteps it was trained on. x0_hat = (x_t - sqrt(1 - alpha_bar)
-    eps_hat) / sqrt(alpha_bar) (Ho et al. Eq. 15), clipped to [-1, 1] when `clip`; eps_hat is
-    then recomputed from the clipped x0_hat so the two stay consistent.
+    schedule feeds it the timesteps it was trained on; its output is read as `prediction`
+    (eps, x0 or v). x0_hat is clipped to [-1, 1] when `clip`; eps_hat is then recomputed from
+    the clipped x0_hat so the two stay consistent.
     """
     t = schedule.timesteps.to(xt.device)[i]
-    eps_hat = model(xt, t).float()
     ab = extract(schedule.alpha_bar, i, xt.shape)
-    x0_hat = (xt - (1 - ab).sqrt() * eps_hat) / ab.sqrt()
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    eps_hat, x0_hat = eps_x0_from_output(model(xt, t).float(), xt, alpha, sigma, prediction)
     if clip:
         x0_hat = x0_hat.clamp(-1, 1)
-        eps_hat = (xt - ab.sqrt() * x0_hat) / (1 - ab).sqrt()
+        eps_hat = (xt - alpha * x0_hat) / sigma
     return eps_hat, x0_hat
 
 
 def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
-                min_snr_gamma: float | None = None) -> torch.Tensor:
-    """L_simple (Ho et al. Eq. 14): || eps - eps_theta(x_t, t) ||^2 with t ~ U{0..T-1}.
+                min_snr_gamma: float | None = None, prediction: str = "eps") -> torch.Tensor:
+    """L_simple (Ho et al. Eq. 14): || target - net(x_t, t) ||^2 with t ~ U{0..T-1}, where the
+    target is eps (Ho et al.'s choice), x0 or v (`target`).
 
-    With `min_snr_gamma`, each image's error is weighted by min(SNR_t, gamma) / SNR_t, the
-    Min-SNR-gamma weighting for eps prediction (Hang et al. 2023, Eq. 9), SNR_t =
-    alpha_bar_t / (1 - alpha_bar_t): the nearly clean timesteps count less.
+    With `min_snr_gamma`, each image's error is weighted as Min-SNR-gamma prescribes for that
+    target (Hang et al. 2023, Sec. 3.4), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the weight
+    on the x0 error is min(SNR_t, gamma), which is min(SNR_t, gamma) / SNR_t on the eps error
+    and min(SNR_t, gamma) / (SNR_t + 1) on the v error; the nearly clean timesteps count less.
     """
     t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)  # (B,)
     noise = torch.randn_like(x0)
-    eps_hat = model(q_sample(schedule, x0, t, noise), t)
+    ab = extract(schedule.alpha_bar, t, x0.shape)
+    goal = target(x0, noise, ab.sqrt(), (1 - ab).sqrt(), prediction)
+    out = model(q_sample(schedule, x0, t, noise), t)
     if min_snr_gamma is None:
-        return F.mse_loss(eps_hat.float(), noise)
-    ab = extract(schedule.alpha_bar, t, x0.shape).flatten()  # (B,)
-    snr = ab / (1 - ab)
-    weight = snr.clamp(max=min_snr_gamma) / snr
-    return (weight * (eps_hat.float() - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        return F.mse_loss(out.float(), goal)
+    snr = (ab / (1 - ab)).flatten()  # (B,)
+    clipped = snr.clamp(max=min_snr_gamma)
+    weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
+    return (weight * (out.float() - goal).pow(2).mean(dim=(1, 2, 3))).mean()

@@ -27,6 +27,8 @@ from .data import ImageFiles, make_dataset
 from .features import Extractor, digit_extractor, inception_extractor
 from .likelihood import bits_per_dim
 from .metrics import frechet_distance, gaussian_stats, kid, recognisability
+from .samplers import SAMPLERS
+from .schedule import SPACINGS
 
 SAMPLE_METRICS = ("fid", "kid", "recognisable")
 METRICS = SAMPLE_METRICS + ("bpd",)
@@ -105,14 +107,15 @@ def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "
 
 
 def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: bool,
-                    sampler: str, steps: int | None, batch_size: int, seed: int,
+                    sampler: str, steps: int, spacing: str, batch_size: int, seed: int,
                     progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
     """Features (and class probabilities) of n samples, drawn and embedded batch by batch."""
     gen = torch.Generator().manual_seed(seed)
     feats, probs = [], []
     for i in tqdm(range(0, n, batch_size), desc=f"sampling {n}", disable=not progress,
                   leave=False):
-        x = ckpt.sample(min(batch_size, n - i), sampler=sampler, steps=steps, generator=gen)
+        x = ckpt.sample(min(batch_size, n - i), sampler=sampler, steps=steps,
+                        spacing=spacing, generator=gen)
         feats.append(extractor.features(x))
         if want_probs:
             probs.append(extractor.probs(x))
@@ -120,8 +123,9 @@ def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: 
 
 
 def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None = None,
-             extractor: str | Extractor | None = None, sampler: str = "ddpm",
-             steps: int | None = None, real: bool = False, bpd_n: int = 500,
+             extractor: str | Extractor | None = None, sampler: str | None = None,
+             steps: int | None = None, spacing: str | None = None, real: bool = False,
+             bpd_n: int = 500,
              batch_size: int = 250, seed: int = 0, cache_dir: str | Path = "data/cache",
              inception_weights: str | Path | None = None, progress: bool = True) -> list[dict]:
     """Score a checkpoint's EMA model on `metrics` (default: all that apply); returns one row
@@ -147,6 +151,7 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     if n < 2:
         raise ValueError(f"n must be at least 2, got {n}")
     cfg, device = ckpt.config, next(ckpt.model.parameters()).device
+    sampler, spacing = sampler or cfg.diffusion.sampler, spacing or cfg.diffusion.spacing
     steps = steps or cfg.diffusion.sample_steps
     rows = []
     if any(m in SAMPLE_METRICS for m in metrics):
@@ -168,7 +173,8 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
             n, source, n_steps = len(pick), f"real ({split} split)", None
         else:
             feats, probs = _sample_batches(ckpt, n, extractor, "recognisable" in metrics,
-                                           sampler, steps, batch_size, seed, progress)
+                                           sampler, steps, spacing, batch_size, seed,
+                                           progress)
             source, n_steps = sampler, steps
         shared = time.time() - t0  # extractor, reference statistics, samples, features
         base = {"n": n, "extractor": extractor.name, "sampler": source, "steps": n_steps}
@@ -191,6 +197,7 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
         x0 = torch.stack([data[int(i)] for i in pick]).to(device)
         bpd = torch.cat([bits_per_dim(ckpt.model, ckpt.schedule, x0[i:i + batch_size],
                                       variance=cfg.diffusion.variance, progress=progress,
+                                      prediction=cfg.diffusion.prediction,
                                       generator=torch.Generator(device).manual_seed(seed + i))
                          ["bpd"] for i in range(0, len(x0), batch_size)])
         rows.append({"metric": "bpd", "value": bpd.mean().item(),
@@ -219,7 +226,10 @@ def main(argv: list[str] | None = None) -> None:
                                      description="FID, KID, recognisability and bits/dim.")
     parser.add_argument("--checkpoint", required=True, help="a ckpt.pt written by training")
     parser.add_argument("--n", type=int, default=500, help="samples for fid/kid/recognisable")
-    parser.add_argument("--sampler", default="ddpm")
+    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                        help="default: the checkpoint's")
+    parser.add_argument("--spacing", default=None, choices=SPACINGS,
+                        help="default: the checkpoint's")
     parser.add_argument("--steps", type=int, default=None,
                         help="sampling steps (default: the checkpoint's sample_steps)")
     parser.add_argument("--metrics", default=None,
@@ -244,6 +254,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
         rows = evaluate(ckpt, args.n, metrics=metrics,
                         extractor=args.extractor, sampler=args.sampler, steps=args.steps,
+                        spacing=args.spacing,
                         real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
                         seed=args.seed, cache_dir=args.cache_dir,
                         inception_weights=args.inception_weights)

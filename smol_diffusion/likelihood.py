@@ -59,13 +59,14 @@ def prior_bpd(schedule: NoiseSchedule, x0: torch.Tensor) -> torch.Tensor:
 
 
 def vb_term_bpd(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
-                noise: torch.Tensor, variance: str = "small", clip: bool = True) -> torch.Tensor:
+                noise: torch.Tensor, variance: str = "small", clip: bool = True,
+                prediction: str = "eps") -> torch.Tensor:
     """One term of the bound in bits/dim for each image (B,): L_{t-1} at step indices t (B,),
     the discretised decoder L_0 where t is 0. x0 must lie on the 8-bit grid (`quantize`)."""
     xt = q_sample(schedule, x0, t, noise)
     true_mean, _ = q_posterior(schedule, x0, xt, t)  # Eq. 7
     true_logvar = extract(schedule.posterior_log_variance_clipped, t, x0.shape)
-    _, x0_hat = denoise(model, schedule, xt, t, clip)
+    _, x0_hat = denoise(model, schedule, xt, t, clip, prediction)
     model_mean, _ = q_posterior(schedule, x0_hat, xt, t)
     model_logvar = extract(schedule.reverse_log_variance(variance), t, x0.shape)
     kl = normal_kl(true_mean.double(), true_logvar.double(), model_mean.double(),
@@ -77,7 +78,7 @@ def vb_term_bpd(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: 
 
 @torch.no_grad()
 def bits_per_dim(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, *,
-                 variance: str = "small", clip: bool = True,
+                 variance: str = "small", clip: bool = True, prediction: str = "eps",
                  generator: torch.Generator | None = None, progress: bool = False) -> dict:
     """The variational bound on -log p(x0) in bits/dim, for images x0 (B, C, H, W) in [-1, 1].
 
@@ -95,7 +96,8 @@ def bits_per_dim(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, *,
                       desc="bits/dim", leave=False):
             t = torch.full((x0.shape[0],), i, device=x0.device, dtype=torch.long)
             noise = randn(x0.shape, generator, x0.device)
-            term = vb_term_bpd(model, schedule, x0, t, noise, variance, clip).cpu()
+            term = vb_term_bpd(model, schedule, x0, t, noise, variance, clip,
+                               prediction).cpu()
             terms[i] = term.mean()
             total += term
     finally:

@@ -1,11 +1,18 @@
-"""Reverse-process samplers: plain functions of (model, schedule, x_T), plus the front door.
+"""Reverse-process samplers: plain functions of (model, schedule, x_T, timesteps), and the
+front door `sample`.
 
-Each sampler runs under `torch.no_grad()`, keeps no state between calls, and calls
-`callback(info)` after every step with the step count, the training timestep, the new x and
-the x0_hat it came from (the notebook draws the denoising trajectory from these).
+Every sampler runs under `torch.no_grad()`, keeps no state between calls, evaluates the
+network once at each of the decreasing training `timesteps` (so NFE = len(timesteps)), ends
+on the clean image, and calls `callback(info)` after every step with the step count `n`, the
+training timestep `t`, the new `x` and the `x0_hat` it came from (the notebook draws the
+denoising trajectory from these). Notation: alpha_t = sqrt(alpha_bar_t), sigma_t =
+sqrt(1 - alpha_bar_t), lambda_t = log(alpha_t / sigma_t) (half the log-SNR); "clean" after the
+last timestep means alpha = 1, sigma = 0.
 """
 from __future__ import annotations
 
+import math
+from functools import partial
 from typing import Callable
 
 import torch
@@ -29,71 +36,187 @@ def randn(shape: tuple[int, ...], generator: torch.Generator | None,
     return torch.randn(shape, generator=generator, device=gen_device).to(device)
 
 
-@torch.no_grad()
-def sample_ddpm(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor, *,
-                generator: torch.Generator | None = None, clip: bool = True,
-                variance: str = "small", callback: Callback | None = None) -> torch.Tensor:
-    """Ancestral sampling (Ho et al. 2020, Algorithm 2) over every step of `schedule`.
+def _predict(model, schedule, x, t: int, clip, prediction) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eps_hat, x0_hat) at training timestep t for the whole batch (the shared step helper)."""
+    idx = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+    return denoise(model, schedule, x, idx, clip, prediction)
 
-    x is x_T. A respaced schedule (`NoiseSchedule.respace`) gives the few-step sampler of
-    Nichol & Dhariwal 2021. Each step draws x_{t-1} ~ N(mu_tilde(x_t, x0_hat), sigma_t^2 I)
-    with sigma_t^2 = beta_tilde_t ("small") or beta_t ("large"; its first entry replaced by
-    beta_tilde_1 as in improved-diffusion); the last step returns the mean.
+
+def _alpha_sigma(schedule: NoiseSchedule, t: int | None) -> tuple[float, float]:
+    """(alpha_t, sigma_t) as float64 numbers; t None is the clean end (1, 0)."""
+    if t is None:
+        return 1.0, 0.0
+    ab = schedule.alpha_bar[t].item()
+    return math.sqrt(ab), math.sqrt(1.0 - ab)
+
+
+@torch.no_grad()
+def sample_ddpm(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
+                timesteps: list[int], *, generator: torch.Generator | None = None,
+                clip: bool = True, prediction: str = "eps", variance: str = "small",
+                callback: Callback | None = None) -> torch.Tensor:
+    """Ancestral sampling (Ho et al. 2020, Algorithm 2) at `timesteps`, the training schedule
+    respaced to them (Nichol & Dhariwal 2021, Sec. 4): all T steps gives Algorithm 2 itself.
+
+    Each step draws x_{t'} ~ N(mu_tilde(x_t, x0_hat), sigma^2 I) with sigma^2 = beta_tilde
+    ("small") or beta ("large"; its first entry replaced by beta_tilde_1 as in
+    improved-diffusion) of the respaced schedule; the last step returns the mean.
     """
-    log_var = schedule.reverse_log_variance(variance)
+    spaced = schedule.respace(timesteps)  # increasing; its step i is training step ts[i]
+    log_var = spaced.reverse_log_variance(variance)
     B = x.shape[0]
-    for n, i in enumerate(reversed(range(schedule.T))):
+    for n, i in enumerate(reversed(range(spaced.T))):
         idx = torch.full((B,), i, device=x.device, dtype=torch.long)
-        _, x0_hat = denoise(model, schedule, x, idx, clip)  # 1. predict x0 from x_t
-        mean, _ = q_posterior(schedule, x0_hat, x, idx)  # 2. Eq. 7: mu_tilde(x_t, x0_hat)
+        _, x0_hat = denoise(model, spaced, x, idx, clip, prediction)  # 1. predict x0 from x_t
+        mean, _ = q_posterior(spaced, x0_hat, x, idx)  # 2. Eq. 7: mu_tilde(x_t, x0_hat)
         if i > 0:  # 3. add noise, except at the last step (Algorithm 2, line 3)
             sigma = (0.5 * extract(log_var, idx, x.shape)).exp()
             x = mean + sigma * randn(x.shape, generator, x.device)
         else:
             x = mean
         if callback is not None:
-            callback({"n": n, "t": int(schedule.timesteps[i]), "x": x, "x0_hat": x0_hat})
+            callback({"n": n, "t": int(spaced.timesteps[i]), "x": x, "x0_hat": x0_hat})
     return x
 
 
-SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {"ddpm": sample_ddpm}
+@torch.no_grad()
+def sample_ddim(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
+                timesteps: list[int], *, generator: torch.Generator | None = None,
+                clip: bool = True, prediction: str = "eps", eta: float = 0.0,
+                callback: Callback | None = None) -> torch.Tensor:
+    """DDIM (Song et al. 2021): eta = 0 is deterministic (the probability-flow ODE to first
+    order), eta = 1 has the marginals of ancestral sampling with the same timesteps."""
+    for n, t in enumerate(timesteps):
+        t_prev = timesteps[n + 1] if n + 1 < len(timesteps) else None
+        eps_hat, x0_hat = _predict(model, schedule, x, t, clip, prediction)  # 1.
+        (alpha, sigma), (alpha_prev, sigma_prev) = (_alpha_sigma(schedule, t),
+                                                    _alpha_sigma(schedule, t_prev))
+        # 2. Eq. 16: sigma_eta^2 = eta^2 (1 - ab') / (1 - ab) (1 - ab / ab')
+        s = eta * sigma_prev / sigma * math.sqrt(max(0.0, 1 - (alpha / alpha_prev) ** 2))
+        # 3. Eq. 12: x' = sqrt(ab') x0_hat + sqrt(1 - ab' - sigma_eta^2) eps_hat + sigma_eta z
+        x = alpha_prev * x0_hat + math.sqrt(max(0.0, sigma_prev**2 - s**2)) * eps_hat
+        if s > 0:
+            x = x + s * randn(x.shape, generator, x.device)
+        if callback is not None:
+            callback({"n": n, "t": t, "x": x, "x0_hat": x0_hat})
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
+                 timesteps: list[int], *, order: int = 2,
+                 generator: torch.Generator | None = None, clip: bool = True,
+                 prediction: str = "eps", callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) and (3M) (Lu et al. 2022): multistep solvers of the probability-flow
+    ODE in lambda with data prediction x0_hat, of order 2 or 3 (`order`).
+
+    Each step reuses the x0_hat of the previous steps (one network call per step). The order
+    is lowered at the start (too little history) and at the end, the last step first order
+    and the one before at most second, as Lu et al. recommend for few steps (Sec. 5.2):
+    the last step into the clean image is then exactly x0_hat.
+    """
+    x0_hats: list[torch.Tensor] = []
+    lambdas: list[float] = []
+    K = len(timesteps)
+    for n, t in enumerate(timesteps):
+        t_next = timesteps[n + 1] if n + 1 < K else None
+        _, x0_hat = _predict(model, schedule, x, t, clip, prediction)
+        x0_hats, lambdas = (x0_hats + [x0_hat])[-3:], (lambdas + [_lambda(schedule, t)])[-3:]
+        alpha_next, sigma_next = _alpha_sigma(schedule, t_next)
+        sigma = _alpha_sigma(schedule, t)[1]
+        h = _lambda(schedule, t_next) - lambdas[-1]
+        k = min(order, n + 1, K - n)  # the order of this step
+        phi_1 = math.expm1(-h)  # e^{-h} - 1
+        # Lu et al. (DPM-Solver++) Eq. 9 first order; Algorithm 2 second; Appendix B third
+        x = (sigma_next / sigma) * x - alpha_next * phi_1 * x0_hats[-1]
+        if k >= 2:
+            r0 = (lambdas[-1] - lambdas[-2]) / h
+            d1_0 = (x0_hats[-1] - x0_hats[-2]) / r0
+            if k == 2:
+                x = x - 0.5 * alpha_next * phi_1 * d1_0
+            else:
+                r1 = (lambdas[-2] - lambdas[-3]) / h
+                d1_1 = (x0_hats[-2] - x0_hats[-3]) / r1
+                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                x = (x + alpha_next * (phi_1 / h + 1) * d1
+                     - alpha_next * ((phi_1 + h) / h**2 - 0.5) * d2)
+        if callback is not None:
+            callback({"n": n, "t": t, "x": x, "x0_hat": x0_hat})
+    return x
+
+
+def _lambda(schedule: NoiseSchedule, t: int | None) -> float:
+    """lambda_t = log(alpha_t / sigma_t); -inf where alpha_bar is 0, +inf at the clean end."""
+    if t is None:
+        return math.inf
+    ab = schedule.alpha_bar[t].item()
+    return -math.inf if ab == 0 else 0.5 * (math.log(ab) - math.log1p(-ab))
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "dpm++2m": partial(sample_dpmpp, order=2),
+    "dpm++3m": partial(sample_dpmpp, order=3),
+}
 
 
 def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
            sampler: str = "ddpm", steps: int | None = None, timesteps: list[int] | None = None,
-           noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-           callback: Callback | None = None, clip: bool = True, variance: str = "small",
+           spacing: str = "trailing", eta: float = 0.0, noise: torch.Tensor | None = None,
+           generator: torch.Generator | None = None, callback: Callback | None = None,
+           clip: bool = True, variance: str = "small", prediction: str = "eps",
            bf16: bool = False) -> torch.Tensor:
     """Draw a batch of images in [-1, 1] with shape `shape` (B, C, H, W).
 
-    `schedule` is the T-step schedule the model was trained with. Sampling uses all T steps,
-    or `steps` evenly spaced ones, or the explicit decreasing training `timesteps`; fewer
-    steps always respace that same schedule. `noise` is x_T (drawn from `generator` if
-    omitted). The model runs in eval mode, under bf16 autocast if `bf16`. With `clip` (the
-    default) x0_hat and the result are clipped to [-1, 1].
+    `sampler`: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m" or "dpm++3m". `schedule` is
+    the T-step schedule the model was trained with; sampling visits all T timesteps, or
+    `steps` of them chosen by `spacing` (`spaced_timesteps`), or the explicit decreasing
+    training `timesteps`: one network call each. `noise` is x_T (drawn from `generator` if
+    omitted; the same generator draws the samplers' noise). `prediction` says what the network
+    outputs (eps, x0 or v); `variance` is the ancestral sampler's. The model runs in eval mode,
+    under bf16 autocast if `bf16`. With `clip` (the default) x0_hat and the result are clipped
+    to [-1, 1].
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if steps is not None and timesteps is not None:
         raise ValueError("give steps or timesteps, not both")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's; the {sampler} sampler does not take it")
     if timesteps is not None:
         ts = [int(t) for t in timesteps]
-        if any(a <= b for a, b in zip(ts, ts[1:])):
+        if not ts or any(a <= b for a, b in zip(ts, ts[1:])):
             raise ValueError(f"timesteps must be strictly decreasing, got {ts}")
-        schedule = schedule.respace(ts)
-    elif steps is not None and steps != schedule.T:
-        schedule = schedule.respace(spaced_timesteps(schedule.T, steps))
+        if ts[-1] < 0 or ts[0] >= schedule.T:
+            raise ValueError(f"timesteps must lie in [0, {schedule.T - 1}], got {ts}")
+    else:
+        ts = spaced_timesteps(schedule.T, steps or schedule.T, spacing)
     device = next(model.parameters()).device
     if noise is None:
         noise = randn(tuple(shape), generator, device)
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
+    options = {"ddpm": {"variance": variance}, "ddim": {"eta": eta}}.get(sampler, {})
     was_training = model.training
     model.eval()
     try:
         with autocast(device, bf16):
-            x = SAMPLERS[sampler](model, schedule, noise.to(device), generator=generator,
-                                  clip=clip, variance=variance, callback=callback)
+            x = SAMPLERS[sampler](model, schedule, noise.to(device), ts, generator=generator,
+                                  clip=clip, prediction=prediction, callback=callback,
+                                  **options)
     finally:
         model.train(was_training)
     return x.clamp(-1, 1) if clip else x
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, w: float) -> torch.Tensor:
+    """Spherical interpolation between two noise tensors (Shoemake 1985), which keeps the
+    norm a Gaussian x_T should have, unlike a straight line (used for interpolating samples
+    with a deterministic sampler, as in Song et al. 2021, Sec. 5.3)."""
+    a, b = z0.flatten(), z1.flatten()
+    omega = torch.arccos((a @ b / (a.norm() * b.norm())).clamp(-1, 1))
+    if omega.abs() < 1e-6:
+        return (1 - w) * z0 + w * z1
+    return (torch.sin((1 - w) * omega) * z0 + torch.sin(w * omega) * z1) / torch.sin(omega)

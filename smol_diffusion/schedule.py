@@ -106,11 +106,25 @@ class NoiseSchedule:
         return cls(torch.clamp(1 - f[1:] / f[:-1], max=max_beta))
 
     @classmethod
-    def from_name(cls, name: str, T: int) -> NoiseSchedule:
-        """`linear` or `cosine` with T steps."""
+    def from_name(cls, name: str, T: int, zero_terminal_snr: bool = False) -> NoiseSchedule:
+        """`linear` or `cosine` with T steps, rescaled to zero terminal SNR if asked."""
         if name not in ("linear", "cosine"):
             raise ValueError(f"unknown schedule {name!r}: use 'linear' or 'cosine'")
-        return getattr(cls, name)(T)
+        schedule = getattr(cls, name)(T)
+        return schedule.rescale_zero_terminal_snr() if zero_terminal_snr else schedule
+
+    def rescale_zero_terminal_snr(self) -> NoiseSchedule:
+        """The schedule shifted and scaled so alpha_bar_T = 0 (Lin et al. 2023, Algorithm 1).
+
+        sqrt(alpha_bar) is moved so its last value is 0 and scaled so its first is unchanged:
+        the last step then holds no signal at all, as at inference, where x_T is pure noise.
+        A model cannot predict eps there (x0 = (x_T - eps) / 0); train it with v or x0.
+        """
+        root = self.alpha_bar.sqrt()
+        first, last = root[0].item(), root[-1].item()
+        alpha_bar = ((root - last) * first / (first - last)) ** 2
+        alphas = alpha_bar / torch.cat([torch.ones(1, dtype=torch.float64), alpha_bar[:-1]])
+        return NoiseSchedule(1.0 - alphas)
 
     def respace(self, timesteps: list[int] | torch.Tensor) -> NoiseSchedule:
         """The same process seen only at `timesteps` (Nichol & Dhariwal 2021, Sec. 4).
@@ -132,18 +146,30 @@ class NoiseSchedule:
         return NoiseSchedule(1.0 - ab / ab_prev, timesteps=self.timesteps[ts])
 
 
-def spaced_timesteps(T: int, steps: int) -> list[int]:
-    """`steps` training timesteps evenly spaced over [0, T-1], both ends included, decreasing.
+SPACINGS = ("trailing", "linspace", "leading")
 
-    Including T-1 starts sampling from the noisiest step the model was trained on (Lin et al.
-    2023, Sec. 3.3); including 0 ends it on the cleanest.
+
+def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """`steps` decreasing training timesteps to sample at (Lin et al. 2023, Table 2).
+
+    "trailing" (the default): T-1, T-1-T/steps, ..., T/steps-1; "linspace": evenly from T-1 to
+    0, both included; "leading": (steps-1) T/steps, ..., T/steps, 0, as DDIM and Stable
+    Diffusion did. The first two start at T-1, the step the model saw with (almost) no signal
+    left, as sampling from pure noise requires; "leading" starts short of it (at 980 of 1000 for
+    50 steps), which Lin et al. show is a train/test mismatch. Trailing also gives the final step
+    to the clean image the full stride instead of a sliver.
     """
     if not 1 <= steps <= T:
         raise ValueError(f"steps must lie in [1, {T}], got {steps}")
-    if steps == 1:
-        return [T - 1]
-    ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
-    return sorted(set(ts.tolist()), reverse=True)
+    if spacing == "trailing":
+        ts = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+    elif spacing == "linspace":
+        ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
+    elif spacing == "leading":
+        ts = torch.arange(steps - 1, -1, -1) * (T // steps)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
+    return sorted(set(ts.clamp(0, T - 1).tolist()), reverse=True)
 
 
 def _check_T(T: int) -> None:

@@ -22,7 +22,6 @@ from .data import make_dataset
 from .diffusion import simple_loss
 from .evaluate import SAMPLE_METRICS, evaluate
 from .hardware import autocast, pick_device, use_bf16
-from .samplers import sample
 from .schedule import NoiseSchedule
 from .unet import UNet
 from .viz import display_inline, save_grid
@@ -88,7 +87,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
                         # RNG, whose state a checkpoint restores for the noise and timesteps
                         generator=torch.Generator().manual_seed(tc.seed))
     steps_per_epoch = len(dataset) // tc.batch_size
-    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T)
+    schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T,
+                                       cfg.diffusion.zero_terminal_snr)
     model = UNet(mc).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
@@ -109,10 +109,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     params, ema_params = list(model.parameters()), list(ema.parameters())
 
     def write_samples() -> None:
-        gen = torch.Generator().manual_seed(tc.seed)
-        x = sample(ema, schedule, (tc.sample_n, mc.in_channels, mc.image_size, mc.image_size),
-                   steps=cfg.diffusion.sample_steps, generator=gen,
-                   variance=cfg.diffusion.variance, bf16=bf16)
+        x = Checkpoint(ema, schedule, cfg, step, history).sample(
+            tc.sample_n, generator=torch.Generator().manual_seed(tc.seed), bf16=bf16)
         display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png"))
 
     def run_eval() -> dict:
@@ -144,7 +142,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 group["lr"] = lr
             # 2. forward / backward
             with autocast(device, bf16):
-                loss = simple_loss(model, schedule, x0, cfg.diffusion.min_snr_gamma)
+                loss = simple_loss(model, schedule, x0, cfg.diffusion.min_snr_gamma,
+                                   cfg.diffusion.prediction)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             # 3. clip, 4. step
@@ -222,9 +221,9 @@ def _parse_value(name: str, text: str, type_name: str):
 
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
-    cfg = parse_args(argv)
     t0 = time.time()
     try:
+        cfg = parse_args(argv)
         history = train(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
         raise SystemExit(f"error: {e}") from None

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from smol_diffusion import NoiseSchedule, get_preset
+from smol_diffusion.diffusion import target
 
 
 @pytest.fixture(autouse=True)
@@ -22,17 +23,20 @@ def tiny_cfg(tmp_path):
 
 
 class GaussianDenoiser(nn.Module):
-    """The exact eps-prediction for data x0 ~ N(0, sigma_d^2 I):
-    E[eps | x_t] = sqrt(1 - ab_t) x_t / (ab_t sigma_d^2 + 1 - ab_t)."""
+    """The exact denoiser of data x0 ~ N(0, sigma_d^2 I), outputting eps (by default), x0 or v:
+    E[x0 | x_t] = alpha sigma_d^2 x_t / (ab sigma_d^2 + 1 - ab), E[eps | x_t] = sigma x_t /
+    (ab sigma_d^2 + 1 - ab), with alpha = sqrt(ab), sigma = sqrt(1 - ab), ab = alpha_bar_t."""
 
-    def __init__(self, schedule: NoiseSchedule, sigma_d: float):
+    def __init__(self, schedule: NoiseSchedule, sigma_d: float, prediction: str = "eps"):
         super().__init__()
         self.register_buffer("alpha_bar", schedule.alpha_bar.float())
-        self.sigma_d = sigma_d
+        self.sigma_d, self.prediction = sigma_d, prediction
         self.dummy = nn.Parameter(torch.zeros(()))  # gives the module a device
         self.seen = []
 
     def forward(self, x, t):
         self.seen.append(int(t[0]))
         ab = self.alpha_bar[t].view(-1, 1, 1, 1)
-        return (1 - ab).sqrt() * x / (ab * self.sigma_d**2 + 1 - ab)
+        alpha, sigma, var = ab.sqrt(), (1 - ab).sqrt(), ab * self.sigma_d**2 + 1 - ab
+        eps, x0 = sigma * x / var, alpha * self.sigma_d**2 * x / var
+        return target(x0, eps, alpha, sigma, self.prediction)

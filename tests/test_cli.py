@@ -23,15 +23,17 @@ def test_train_then_sample(tmp_path):
     assert (out / "ckpt.pt").exists() and (out / "samples_0000006.png").exists()
     grid = tmp_path / "grid.png"
     r = run("smol_diffusion.sample", "--checkpoint", str(out / "ckpt.pt"), "--n", "9",
-            "--steps", "4", "--out", str(grid))
+            "--steps", "4", "--sampler", "dpm++2m", "--out", str(grid))
     assert r.returncode == 0, r.stderr
-    assert "9 images, 4 steps" in r.stdout
+    assert "9 images, dpm++2m, 4 steps" in r.stdout
     assert Image.open(grid).size == (3 * 8 + 4, 3 * 8 + 4)  # 3x3 grid, 1-pixel padding
 
 
 def test_bad_input_is_explained(tmp_path):
     r = run("smol_diffusion.train", "--steps", "many")
     assert r.returncode != 0 and "--steps 'many'" in r.stderr
+    r = run("smol_diffusion.train", "--sampler", "euler")
+    assert r.returncode != 0 and "error: sampler must be one of" in r.stderr
     r = run("smol_diffusion.train", "--dataset", "cars", "--root", str(tmp_path))
     assert r.returncode != 0 and "vision/issues/7545" in r.stderr
     r = run("smol_diffusion.sample", "--checkpoint", str(tmp_path / "nope.pt"))

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from smol_diffusion import NoiseSchedule
-from smol_diffusion.diffusion import q_sample, simple_loss
+from smol_diffusion.diffusion import eps_x0_from_output, q_sample, simple_loss, target
 
 
 class Recorder(nn.Module):
@@ -44,3 +44,51 @@ def test_min_snr_down_weights_clean_timesteps():
     torch.manual_seed(0)
     weighted = simple_loss(Recorder(), schedule, x0, min_snr_gamma=5.0)
     assert weighted < plain
+
+
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+def test_conversions_round_trip(prediction):
+    """target() and eps_x0_from_output() are inverses: the exact target gives back eps and x0."""
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(8, 1, 4, 4, generator=g), torch.randn(8, 1, 4, 4, generator=g)
+    ab = torch.rand(8, 1, 1, 1, generator=g) * 0.98 + 0.01
+    alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    xt = alpha * x0 + sigma * eps
+    eps_back, x0_back = eps_x0_from_output(target(x0, eps, alpha, sigma, prediction), xt,
+                                           alpha, sigma, prediction)
+    torch.testing.assert_close(eps_back, eps, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x0_back, x0, rtol=1e-4, atol=1e-4)
+    if prediction == "v":  # Salimans & Ho: v = alpha eps - sigma x0, so x0 = alpha x_t - sigma v
+        torch.testing.assert_close(alpha * xt - sigma * (alpha * eps - sigma * x0), x0)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_loss_for_other_targets(prediction, gamma):
+    """The error is measured on the target; Min-SNR's weight on it is min(SNR, gamma) for x0
+    and min(SNR, gamma) / (SNR + 1) for v (Hang et al. 2023, Sec. 3.4)."""
+    schedule = NoiseSchedule.cosine(1000)
+    x0 = torch.rand(64, 1, 4, 4) * 2 - 1
+    torch.manual_seed(7)
+    loss = simple_loss(Recorder(), schedule, x0, min_snr_gamma=gamma, prediction=prediction)
+    torch.manual_seed(7)
+    t = torch.randint(0, schedule.T, (64,))
+    noise = torch.randn_like(x0)
+    ab = schedule.alpha_bar[t].view(-1, 1, 1, 1).float()
+    goal = x0 if prediction == "x0" else ab.sqrt() * noise - (1 - ab).sqrt() * x0
+    err = (0.5 * q_sample(schedule, x0, t, noise) - goal).pow(2).mean(dim=(1, 2, 3))
+    if gamma is not None:
+        snr = (ab / (1 - ab)).flatten()
+        w = snr.clamp(max=gamma)
+        err = err * (w if prediction == "x0" else w / (snr + 1))
+    assert loss.item() == pytest.approx(err.mean().item(), rel=1e-5)
+
+
+def test_zero_terminal_snr_needs_v_or_x0():
+    from smol_diffusion import DiffusionConfig
+
+    with pytest.raises(ValueError, match="prediction='v'"):
+        DiffusionConfig(zero_terminal_snr=True)
+    DiffusionConfig(zero_terminal_snr=True, prediction="v")
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        DiffusionConfig(sampler="euler")

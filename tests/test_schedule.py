@@ -84,7 +84,7 @@ def test_extract_broadcasts():
 
 def test_respace_keeps_alpha_bar_and_timesteps():
     s = NoiseSchedule.linear(1000)
-    ts = spaced_timesteps(1000, 50)
+    ts = spaced_timesteps(1000, 50, "linspace")
     assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 50 and ts == sorted(ts, reverse=True)
     r = s.respace(ts)
     assert r.T == 50
@@ -110,3 +110,30 @@ def test_bad_schedules_are_rejected():
         NoiseSchedule.from_name("quadratic", 10)
     with pytest.raises(ValueError, match="steps must lie"):
         spaced_timesteps(100, 101)
+    with pytest.raises(ValueError, match="unknown spacing"):
+        spaced_timesteps(100, 10, "uniform")
+
+
+@pytest.mark.parametrize("spacing, expected", [
+    ("trailing", [999, 799, 599, 399, 199]),  # Lin et al. 2023, Table 2
+    ("linspace", [999, 749, 500, 250, 0]),
+    ("leading", [800, 600, 400, 200, 0])])
+def test_spacings(spacing, expected):
+    assert spaced_timesteps(1000, 5, spacing) == expected
+    for steps in (1, 7, 50, 333, 1000):
+        ts = spaced_timesteps(1000, steps, spacing)
+        assert len(ts) == steps and ts == sorted(ts, reverse=True) and 0 <= ts[-1] <= ts[0] <= 999
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_zero_terminal_snr(name):
+    """Lin et al. 2023, Algorithm 1: sqrt(alpha_bar) shifted and scaled to end at 0 and start
+    where it did; an affine map of the old one, so it stays decreasing."""
+    old = NoiseSchedule.from_name(name, 1000)
+    new = NoiseSchedule.from_name(name, 1000, zero_terminal_snr=True)
+    assert new.alpha_bar[-1].item() == 0 and new.betas[-1].item() == pytest.approx(1.0)
+    assert new.alpha_bar[0].item() == pytest.approx(old.alpha_bar[0].item(), rel=1e-12)
+    a, b = old.alpha_bar.sqrt(), new.alpha_bar.sqrt()
+    scale = (b[0] - b[500]) / (a[0] - a[500])
+    torch.testing.assert_close(b - b[0], scale * (a - a[0]))
+    assert bool((new.posterior_variance[1:] > 0).all()) and new.posterior_variance.isfinite().all()
