@@ -13,15 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
 import matplotlib
 import torch
 
-from smol_diffusion import load_checkpoint
-from smol_diffusion.evaluate import evaluate
-from smol_diffusion.schedule import SPACINGS
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+from smol_diffusion import load_checkpoint  # noqa: E402
+from smol_diffusion.evaluate import evaluate  # noqa: E402
+from smol_diffusion.schedule import SPACINGS  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

@@ -9,15 +9,18 @@ with torch.utils.flop_counter, for each model and precision, plus the bf16/fp32 
 from __future__ import annotations
 
 import argparse
+import sys
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import smol_diffusion as sd
-from smol_diffusion.diffusion import simple_loss
-from smol_diffusion.hardware import autocast, pick_device
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
+import smol_diffusion as sd  # noqa: E402
+from smol_diffusion.diffusion import simple_loss  # noqa: E402
+from smol_diffusion.hardware import autocast, pick_device  # noqa: E402
 
 # CPU batches are small so a bf16 step on a CPU without native bf16 still ends in minutes.
 CPU_BATCH = {"demo": 64, "cars64": 2}
