@@ -2,12 +2,18 @@
 
 1. Training, sampling, checkpointing and resuming run on CUDA: the cars64 model on synthetic
    64x64 images written to a temporary folder (the real image-folder loading path), bf16.
-2. cars64 training throughput at batch 64 in fp32 (TF32) and bf16, optionally compiled:
+2. Every sampler and the evaluation run on CUDA with that checkpoint: ms per 64x64 image at
+   20 NFE in bf16, FID/KID through the FID Inception (random weights in pytorch-fid's layout,
+   since none can be downloaded: the code path and its speed, not a real FID) and bits/dim.
+3. cars64 training throughput at batch 64 in fp32 (TF32) and bf16, optionally compiled:
    img/s, achieved TFLOP/s (counted with torch.utils.flop_counter), MFU against a bf16 matmul
    peak measured in the same run, and peak memory.
+
+    python benchmarks/gpu_check.py [--parts e2e,sampling,throughput,compile]
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -21,6 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import smol_diffusion as sd  # noqa: E402
 from smol_diffusion.diffusion import simple_loss  # noqa: E402
+from smol_diffusion.evaluate import evaluate, format_table  # noqa: E402
+from smol_diffusion.features import FIDInception, inception_extractor  # noqa: E402
+from smol_diffusion.samplers import SAMPLERS  # noqa: E402
 
 
 def matmul_peak(dtype: torch.dtype, n: int = 8192, reps: int = 20) -> float:
@@ -60,6 +69,43 @@ def check_end_to_end(root: Path) -> None:
     print(f"[e2e] resumed to step {ckpt.step}; sample {tuple(x.shape)} on {x.device}, "
           f"range [{x.min():.2f}, {x.max():.2f}], finite {bool(torch.isfinite(x).all())}; "
           f"files {sorted(p.name for p in (root / 'run').iterdir())}")
+
+
+def check_sampling_and_evaluation(root: Path, n: int = 256) -> None:
+    """Each sampler's speed, and FID/KID/bits-dim, with the end-to-end checkpoint (on CUDA)."""
+    ckpt = sd.load_checkpoint(root / "run" / "ckpt.pt")
+    device = next(ckpt.model.parameters()).device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for name in SAMPLERS:
+        for bf16 in (False, True):
+            gen = torch.Generator().manual_seed(0)
+            ckpt.sample(8, sampler=name, steps=20, generator=gen, bf16=bf16)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            x = ckpt.sample(n, sampler=name, steps=20, generator=gen, bf16=bf16)
+            sync()
+            ms = 1000 * (time.perf_counter() - t0) / n
+            print(f"[sampling] {name:>8} 20 NFE, batch {n}, {'bf16' if bf16 else 'fp32'}: "
+                  f"{ms:.2f} ms/image (50,000 for FID: {50_000 * ms / 60_000:.1f} min); "
+                  f"finite {bool(torch.isfinite(x).all())}")
+    torch.manual_seed(0)
+    weights = root / "inception.pth"
+    torch.save(FIDInception().state_dict(), weights)
+    ext = inception_extractor(weights, device)
+    images = torch.rand(2 * n, 3, 64, 64, device=device) * 2 - 1
+    ext.features(images[:16])
+    sync()
+    t0 = time.perf_counter()
+    feats = ext.features(images)
+    sync()
+    print(f"[inception] {feats.shape} features at {len(images) / (time.perf_counter() - t0):.0f} "
+          "img/s")
+    t0 = time.time()
+    rows = evaluate(ckpt, 2 * n, metrics=("fid", "kid", "bpd"), extractor=ext, bpd_n=n // 4,
+                    cache_dir=root / "cache", progress=False)
+    print(f"[evaluate] on {device} in {time.time() - t0:.0f}s (random Inception weights: the "
+          "code path and its speed, not a real FID)")
+    print(format_table(rows))
 
 
 def throughput(bf16: bool, compile_: bool, batch: int = 64, steps: int = 30) -> dict:
@@ -105,18 +151,27 @@ def throughput(bf16: bool, compile_: bool, batch: int = 64, steps: int = 30) -> 
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description="The prepared check for a CUDA GPU.")
+    parser.add_argument("--parts", default="e2e,sampling,throughput,compile")
+    parts = parser.parse_args().parts.split(",")
     print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, "
           f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     with tempfile.TemporaryDirectory() as tmp:
-        check_end_to_end(Path(tmp))
+        if "e2e" in parts or "sampling" in parts:
+            check_end_to_end(Path(tmp))
+        if "sampling" in parts:
+            check_sampling_and_evaluation(Path(tmp))
+    if "throughput" not in parts:
+        return
     peak_bf16, peak_tf32 = matmul_peak(torch.bfloat16), matmul_peak(torch.float32)
     print(f"[peak] measured 8192^3 matmul: bf16 {peak_bf16:.0f} TFLOP/s, "
           f"tf32 {peak_tf32:.0f} TFLOP/s")
     n_params = sum(p.numel() for p in sd.UNet(sd.get_preset("cars64").model).parameters())
     print(f"[params] cars64 {n_params / 1e6:.2f}M")
-    for bf16, compile_ in ((False, False), (True, False), (True, True)):
+    for bf16, compile_ in ((False, False), (True, False), (True, True))[:3 if "compile" in parts
+                                                                         else 2]:
         name = f"{'bf16' if bf16 else 'fp32/tf32'}{' + compile' if compile_ else ''}"
         try:
             r = throughput(bf16, compile_)

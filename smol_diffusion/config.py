@@ -40,7 +40,7 @@ class DiffusionConfig:
     zero_terminal_snr: bool = False  # rescale so alpha_bar_T = 0 (Lin et al. 2023); needs v or x0
     prediction: str = "eps"  # the network's target: "eps", "x0" or "v" (Salimans & Ho 2022)
     min_snr_gamma: float | None = None  # None: L_simple; a number: Min-SNR-gamma weighting
-    sampler: str = "ddpm"  # "ddpm" (ancestral), "ddim", "dpm++2m" or "dpm++3m"
+    sampler: str = "ddpm"  # "ddpm" (ancestral), "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde"
     sample_steps: int = 100  # network calls per sample: a respacing of the T-step schedule
     spacing: str = "trailing"  # which timesteps: "trailing", "linspace" or "leading"
     variance: str = "small"  # the ancestral sampler's: "small" beta_tilde_t or "large" beta_t
@@ -48,7 +48,8 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         for name, allowed in [("schedule", ("linear", "cosine")),
                               ("prediction", ("eps", "x0", "v")),
-                              ("sampler", ("ddpm", "ddim", "dpm++2m", "dpm++3m")),
+                              ("sampler", ("ddpm", "ddim", "dpm++2m", "dpm++3m",
+                                           "dpm++2m-sde")),
                               ("spacing", ("trailing", "linspace", "leading")),
                               ("variance", ("small", "large"))]:
             if getattr(self, name) not in allowed:

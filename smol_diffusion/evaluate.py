@@ -108,29 +108,35 @@ def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "
 
 def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: bool,
                     sampler: str, steps: int, spacing: str, batch_size: int, seed: int,
-                    progress: bool) -> tuple[np.ndarray, np.ndarray | None]:
-    """Features (and class probabilities) of n samples, drawn and embedded batch by batch."""
+                    progress: bool) -> tuple[np.ndarray, np.ndarray | None, float]:
+    """Features (and class probabilities) of n samples, drawn and embedded batch by batch, and
+    the seconds spent sampling."""
     gen = torch.Generator().manual_seed(seed)
-    feats, probs = [], []
+    feats, probs, seconds = [], [], 0.0
     for i in tqdm(range(0, n, batch_size), desc=f"sampling {n}", disable=not progress,
                   leave=False):
+        t0 = time.perf_counter()
         x = ckpt.sample(min(batch_size, n - i), sampler=sampler, steps=steps,
                         spacing=spacing, generator=gen)
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - t0
         feats.append(extractor.features(x))
         if want_probs:
             probs.append(extractor.probs(x))
-    return np.concatenate(feats), np.concatenate(probs) if want_probs else None
+    return np.concatenate(feats), np.concatenate(probs) if want_probs else None, seconds
 
 
 def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None = None,
              extractor: str | Extractor | None = None, sampler: str | None = None,
              steps: int | None = None, spacing: str | None = None, real: bool = False,
-             bpd_n: int = 500,
-             batch_size: int = 250, seed: int = 0, cache_dir: str | Path = "data/cache",
-             inception_weights: str | Path | None = None, progress: bool = True) -> list[dict]:
+             bpd_n: int = 500, batch_size: int = 250, seed: int = 0,
+             cache_dir: str | Path = "data/cache", inception_weights: str | Path | None = None,
+             progress: bool = True) -> list[dict]:
     """Score a checkpoint's EMA model on `metrics` (default: all that apply); returns one row
     per metric:
-    {"metric", "value", "std" (KID), "n", "extractor", "sampler", "steps", "seconds"}.
+    {"metric", "value", "std" (KID), "n", "extractor", "sampler", "steps", "seconds",
+    "sampling_seconds" (the part of seconds spent drawing the samples)}.
 
     fid, kid and recognisable (the share of samples the digit classifier assigns a class
     with p >= 0.9; the row also gives how many of the ten classes appear) use n samples
@@ -170,14 +176,16 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
             x = torch.stack([data[int(i)] for i in pick])
             feats = extractor.features(x)
             probs = extractor.probs(x) if "recognisable" in metrics else None
-            n, source, n_steps = len(pick), f"real ({split} split)", None
+            n, source, n_steps, sampling = len(pick), f"real ({split} split)", None, 0.0
         else:
-            feats, probs = _sample_batches(ckpt, n, extractor, "recognisable" in metrics,
+            feats, probs, sampling = _sample_batches(ckpt, n, extractor,
+                                                     "recognisable" in metrics,
                                            sampler, steps, spacing, batch_size, seed,
                                            progress)
             source, n_steps = sampler, steps
         shared = time.time() - t0  # extractor, reference statistics, samples, features
-        base = {"n": n, "extractor": extractor.name, "sampler": source, "steps": n_steps}
+        base = {"n": n, "extractor": extractor.name, "sampler": source, "steps": n_steps,
+                "sampling_seconds": round(sampling, 3)}
         for metric in [m for m in SAMPLE_METRICS if m in metrics]:
             t2 = time.time()
             if metric == "fid":

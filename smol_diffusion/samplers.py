@@ -104,17 +104,22 @@ def sample_ddim(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
 
 @torch.no_grad()
 def sample_dpmpp(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
-                 timesteps: list[int], *, order: int = 2,
+                 timesteps: list[int], *, order: int = 2, sde: bool = False,
                  generator: torch.Generator | None = None, clip: bool = True,
                  prediction: str = "eps", callback: Callback | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) and (3M) (Lu et al. 2022): multistep solvers of the probability-flow
-    ODE in lambda with data prediction x0_hat, of order 2 or 3 (`order`).
+    ODE in lambda with data prediction x0_hat, of order 2 or 3 (`order`); with `sde`, the
+    second-order multistep solver of the reverse SDE instead (SDE-DPM-Solver++(2M), Lu et al.
+    2022, Appendix; k-diffusion's dpmpp_2m_sde), whose first-order step is exactly the
+    ancestral DDPM step: ancestral sampling plus a second-order correction of x0_hat.
 
     Each step reuses the x0_hat of the previous steps (one network call per step). The order
     is lowered at the start (too little history) and at the end, the last step first order
     and the one before at most second, as Lu et al. recommend for few steps (Sec. 5.2):
     the last step into the clean image is then exactly x0_hat.
     """
+    if sde and order > 2:
+        raise ValueError("the SDE solver here is of order 1 or 2")
     x0_hats: list[torch.Tensor] = []
     lambdas: list[float] = []
     K = len(timesteps)
@@ -126,15 +131,22 @@ def sample_dpmpp(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
         sigma = _alpha_sigma(schedule, t)[1]
         h = _lambda(schedule, t_next) - lambdas[-1]
         k = min(order, n + 1, K - n)  # the order of this step
-        phi_1 = math.expm1(-h)  # e^{-h} - 1
-        # Lu et al. (DPM-Solver++) Eq. 9 first order; Algorithm 2 second; Appendix B third
-        x = (sigma_next / sigma) * x - alpha_next * phi_1 * x0_hats[-1]
-        if k >= 2:
+        if k >= 2:  # divided difference of x0_hat in lambda, scaled by the step
             r0 = (lambdas[-1] - lambdas[-2]) / h
             d1_0 = (x0_hats[-1] - x0_hats[-2]) / r0
+        if sde:  # x' = sigma'/sigma e^-h x + alpha' (1 - e^-2h) (D0 + D1/2) + sigma' sqrt(..) z
+            phi = -math.expm1(-2 * h)  # 1 - e^{-2h}
+            x = (sigma_next / sigma * math.exp(-h)) * x + alpha_next * phi * x0_hats[-1]
+            if k >= 2:
+                x = x + 0.5 * alpha_next * phi * d1_0
+            if sigma_next > 0:
+                x = x + sigma_next * math.sqrt(phi) * randn(x.shape, generator, x.device)
+        else:  # Lu et al. (DPM-Solver++) Eq. 9 first order; Algorithm 2 second; App. B third
+            phi_1 = math.expm1(-h)  # e^{-h} - 1
+            x = (sigma_next / sigma) * x - alpha_next * phi_1 * x0_hats[-1]
             if k == 2:
                 x = x - 0.5 * alpha_next * phi_1 * d1_0
-            else:
+            elif k == 3:
                 r1 = (lambdas[-2] - lambdas[-3]) / h
                 d1_1 = (x0_hats[-2] - x0_hats[-3]) / r1
                 d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
@@ -159,6 +171,7 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddim": sample_ddim,
     "dpm++2m": partial(sample_dpmpp, order=2),
     "dpm++3m": partial(sample_dpmpp, order=3),
+    "dpm++2m-sde": partial(sample_dpmpp, order=2, sde=True),
 }
 
 
@@ -170,7 +183,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
            bf16: bool = False) -> torch.Tensor:
     """Draw a batch of images in [-1, 1] with shape `shape` (B, C, H, W).
 
-    `sampler`: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m" or "dpm++3m". `schedule` is
+    `sampler`: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m", "dpm++3m" or "dpm++2m-sde".
+    `schedule` is
     the T-step schedule the model was trained with; sampling visits all T timesteps, or
     `steps` of them chosen by `spacing` (`spaced_timesteps`), or the explicit decreasing
     training `timesteps`: one network call each. `noise` is x_T (drawn from `generator` if

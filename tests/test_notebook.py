@@ -25,8 +25,9 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     nb = nbformat.read(out, as_version=4)
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
-    # data grid, forward process, schedule, 2 training grids, loss, samples, trajectory
-    assert len(images) >= 8
+    # data grid, forward process, schedule, 2 training grids, loss, samples, trajectory,
+    # samplers, interpolation
+    assert len(images) >= 10
     assert (tmp_path / "run" / "ckpt.pt").exists()
     assert not any(o.get("output_type") == "error" for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")

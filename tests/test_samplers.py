@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from smol_diffusion import NoiseSchedule, sample
-from smol_diffusion.samplers import SAMPLERS, slerp
+from smol_diffusion.samplers import SAMPLERS, sample_ddpm, sample_dpmpp, slerp
 from smol_diffusion.schedule import spaced_timesteps
 
 from conftest import GaussianDenoiser
@@ -72,7 +72,8 @@ def test_explicit_timesteps_for_every_sampler(sampler):
 
 
 @pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0),
-                                          ("dpm++2m", 0.0), ("dpm++3m", 0.0)])
+                                          ("dpm++2m", 0.0), ("dpm++3m", 0.0),
+                                          ("dpm++2m-sde", 0.0)])
 def test_generator_makes_it_deterministic_and_output_is_clipped(sampler, eta):
     schedule = NoiseSchedule.linear(1000)
     model = GaussianDenoiser(schedule, 2.0)
@@ -95,6 +96,26 @@ def test_ddim_with_eta_1_is_the_ancestral_sampler():
     ddim, ddpm = run("ddim", 1.0), run("ddpm", 0.0)
     torch.testing.assert_close(ddim, ddpm, rtol=1e-4, atol=1e-4)
     assert ddim.var().item() == pytest.approx(ddpm.var().item(), rel=1e-3)
+
+
+def test_first_order_sde_dpm_solver_is_the_ancestral_sampler():
+    """SDE-DPM-Solver++ without its second-order term takes exactly the ancestral steps with
+    beta_tilde (the posterior variance), so with the same noise it gives the same images; the
+    (2M) solver's correction changes them, but not the variance it recovers."""
+    schedule = NoiseSchedule.linear(1000)
+    model = GaussianDenoiser(schedule, 0.5)
+    ts = spaced_timesteps(1000, 50)
+    noise = torch.randn(2000, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    run = lambda f, **kw: f(model, schedule, noise, ts, clip=False,  # noqa: E731
+                            generator=torch.Generator().manual_seed(1), **kw)
+    ddpm = run(sample_ddpm, variance="small")
+    first = run(sample_dpmpp, order=1, sde=True)
+    torch.testing.assert_close(first, ddpm, rtol=1e-4, atol=1e-4)
+    second = run(sample_dpmpp, order=2, sde=True)
+    assert (second - ddpm).abs().mean() > 1e-3
+    full = sample(model, schedule, (2000, 1, 4, 4), sampler="dpm++2m-sde", clip=False,
+                  generator=torch.Generator().manual_seed(2))
+    assert full.var().item() == pytest.approx(0.25, rel=0.04)
 
 
 def pf_ode_error(sampler: str, steps: int) -> float:
