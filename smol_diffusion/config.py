@@ -40,8 +40,8 @@ class DiffusionConfig:
     zero_terminal_snr: bool = False  # rescale so alpha_bar_T = 0 (Lin et al. 2023); needs v or x0
     prediction: str = "eps"  # the network's target: "eps", "x0" or "v" (Salimans & Ho 2022)
     min_snr_gamma: float | None = None  # None: L_simple; a number: Min-SNR-gamma weighting
-    sampler: str = "ddpm"  # "ddpm" (ancestral), "ddim", "dpm++2m", "dpm++3m", "dpm++2m-sde"
-    sample_steps: int = 100  # network calls per sample: a respacing of the T-step schedule
+    sampler: str = "dpm++2m-sde"  # or "ddpm" (ancestral), "ddim", "dpm++2m", "dpm++3m"
+    sample_steps: int = 50  # network calls per sample: a respacing of the T-step schedule
     spacing: str = "trailing"  # which timesteps: "trailing", "linspace" or "leading"
     variance: str = "small"  # the ancestral sampler's: "small" beta_tilde_t or "large" beta_t
 
@@ -154,7 +154,7 @@ PRESETS: dict[str, Config] = {
     "demo": Config(
         model=ModelConfig(image_size=16, in_channels=1, channels=16, channel_mults=(1, 2, 2),
                           num_res_blocks=1, attn_resolutions=(), heads=4, dropout=0.0),
-        diffusion=DiffusionConfig(T=1000, schedule="cosine", sample_steps=50, min_snr_gamma=5.0),
+        diffusion=DiffusionConfig(T=1000, schedule="cosine", min_snr_gamma=5.0),
         data=DataConfig(dataset="mnist", split="train"),
         train=TrainConfig(steps=2200, batch_size=64, lr=2e-3, warmup=100,
                           lr_schedule="cosine", ema_decay=0.999, log_every=25,
@@ -165,7 +165,7 @@ PRESETS: dict[str, Config] = {
     "cars64": Config(
         model=ModelConfig(image_size=64, in_channels=3, channels=128, channel_mults=(1, 2, 2, 2),
                           num_res_blocks=2, attn_resolutions=(16, 8), heads=4, dropout=0.1),
-        diffusion=DiffusionConfig(T=1000, schedule="linear", sample_steps=250),
+        diffusion=DiffusionConfig(T=1000, schedule="linear"),
         data=DataConfig(dataset="cars", root="data", hflip=True, num_workers=4),
         train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, warmup=5000, ema_decay=0.9999,
                           out_dir="checkpoints/cars64"),
