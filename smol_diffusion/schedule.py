@@ -162,7 +162,7 @@ def spaced_timesteps(T: int, steps: int, spacing: str = "trailing") -> list[int]
     if not 1 <= steps <= T:
         raise ValueError(f"steps must lie in [1, {T}], got {steps}")
     if spacing == "trailing":
-        ts = (torch.arange(T, 0, -T / steps, dtype=torch.float64).round() - 1).long()
+        ts = (T - torch.arange(steps, dtype=torch.float64) * T / steps).round().long() - 1
     elif spacing == "linspace":
         ts = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long()
     elif spacing == "leading":
