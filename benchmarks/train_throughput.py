@@ -1,6 +1,7 @@
 """Training throughput of the presets' models, fp32 against bf16 autocast, side by side.
 
     python benchmarks/train_throughput.py [--models demo,cars64] [--repeats 3]
+                                          [--variants fp32,bf16,fp32+cl,bf16+cl]
 
 One training step is forward, backward and AdamW on random images at the preset's resolution.
 Prints img/s (median of the timed steps after a warm-up step) and achieved GFLOP/s, counted
@@ -36,15 +37,19 @@ def step_fn(model, opt, schedule, x, device, bf16):
     return step
 
 
-def measure(preset: str, bf16: bool, repeats: int, device: torch.device) -> dict:
-    """img/s and GFLOP/s of one model at one precision."""
+def measure(preset: str, variant: str, repeats: int, device: torch.device) -> dict:
+    """img/s and GFLOP/s of one model in one variant: "fp32" or "bf16" (autocast), with
+    "+cl" for channels_last weights and inputs."""
+    bf16, channels_last = variant.startswith("bf16"), variant.endswith("+cl")
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     torch.manual_seed(0)
     m = sd.get_preset(preset).model
     batch = CPU_BATCH[preset] if device.type == "cpu" else 64
-    model = sd.UNet(m).to(device)
+    model = sd.UNet(m).to(device, memory_format=fmt)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     schedule = sd.NoiseSchedule.linear(1000)
     x = torch.randn(batch, m.in_channels, m.image_size, m.image_size, device=device)
+    x = x.contiguous(memory_format=fmt)
     step = step_fn(model, opt, schedule, x, device, bf16)
     with FlopCounterMode(display=False) as counter:
         step()  # also the warm-up step
@@ -66,14 +71,17 @@ def main() -> None:
     parser.add_argument("--models", default="demo,cars64")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--variants", default="fp32,bf16",
+                        help="comma-separated: fp32, bf16, fp32+cl, bf16+cl (cl: channels_last)")
     args = parser.parse_args()
     device = pick_device(args.device)
     print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
-    print(f"{'model':8s} {'precision':9s} {'batch':>5s} {'img/s':>8s} {'GFLOP/s':>8s} "
+    print(f"{'model':8s} {'variant':9s} {'batch':>5s} {'img/s':>8s} {'GFLOP/s':>8s} "
           f"{'vs fp32':>7s}")
     for preset in args.models.split(","):
-        fp32 = measure(preset, False, args.repeats, device)
-        for name, r in (("fp32", fp32), ("bf16", measure(preset, True, args.repeats, device))):
+        fp32 = measure(preset, "fp32", args.repeats, device)
+        for name in args.variants.split(","):
+            r = fp32 if name == "fp32" else measure(preset, name, args.repeats, device)
             print(f"{preset:8s} {name:9s} {r['batch']:5d} {r['img_s']:8.2f} {r['gflops']:8.1f} "
                   f"{r['img_s'] / fp32['img_s']:7.2f}", flush=True)
 
