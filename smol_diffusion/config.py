@@ -9,6 +9,10 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 
+from .diffusion import PREDICTIONS
+from .samplers import SAMPLERS
+from .schedule import SCHEDULES, SPACINGS
+
 
 @dataclass
 class ModelConfig:
@@ -46,11 +50,8 @@ class DiffusionConfig:
     variance: str = "small"  # the ancestral sampler's: "small" beta_tilde_t or "large" beta_t
 
     def __post_init__(self) -> None:
-        for name, allowed in [("schedule", ("linear", "cosine")),
-                              ("prediction", ("eps", "x0", "v")),
-                              ("sampler", ("ddpm", "ddim", "dpm++2m", "dpm++3m",
-                                           "dpm++2m-sde")),
-                              ("spacing", ("trailing", "linspace", "leading")),
+        for name, allowed in [("schedule", SCHEDULES), ("prediction", PREDICTIONS),
+                              ("sampler", tuple(SAMPLERS)), ("spacing", SPACINGS),
                               ("variance", ("small", "large"))]:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got "

@@ -18,6 +18,7 @@ from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 from .config import DataConfig
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+SPLITS = ("train", "test", "all")
 
 CARS_HELP = """\
 Stanford Cars is not downloadable automatically (the original host is gone; see
@@ -98,8 +99,7 @@ def stanford_cars_files(root: Path, split: str = "all") -> list[Path]:
     each split; without them every image under the folder is used, and a split keeps the
     files with "train" or "test" in a folder name (the Kaggle mirrors' layouts).
     """
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    _check_split(split)
     base = root / "stanford_cars"
     if not base.is_dir():
         raise DatasetError(f"no Stanford Cars folder at {base}.\n" + CARS_HELP.format(root=root))
@@ -148,15 +148,19 @@ def mnist_5k(image_size: int = 28, split: str = "all") -> TensorImages:
 
 def mnist_5k_split(labels: np.ndarray, split: str) -> np.ndarray:
     """Indices of a split of the digits: "test" holds the last 10% of each class."""
-    if split not in ("train", "test", "all"):
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+    _check_split(split)
+    if split == "all":
+        return np.arange(len(labels))
     is_test = np.zeros(len(labels), dtype=bool)
     for c in np.unique(labels):
         rows = np.flatnonzero(labels == c)
         is_test[rows[len(rows) - len(rows) // 10:]] = True
-    if split == "all":
-        return np.arange(len(labels))
     return np.flatnonzero(is_test if split == "test" else ~is_test)
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
 
 
 def mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:

@@ -40,7 +40,7 @@ def get_extractor(name: str | None, cfg: Config, cache_dir: str | Path = "data/c
                   device: torch.device | str = "cpu") -> Extractor:
     """The extractor `name`, or the default for the config's data: "digits" for the embedded
     digits, "inception" for anything else."""
-    name = name or ("digits" if cfg.data.dataset == "mnist" else "inception")
+    name = name or _default_extractor(cfg)
     if name == "digits":
         if cfg.data.dataset != "mnist":
             raise ValueError("the digits extractor only knows the embedded digits; use inception")
@@ -50,10 +50,25 @@ def get_extractor(name: str | None, cfg: Config, cache_dir: str | Path = "data/c
     raise ValueError(f"unknown extractor {name!r}; use 'digits' or 'inception'")
 
 
+def _default_extractor(cfg: Config) -> str:
+    return "digits" if cfg.data.dataset == "mnist" else "inception"
+
+
+def _held_out_split(cfg: Config) -> str:
+    """The test split when the model trained on the train split, else its own split."""
+    return "test" if cfg.data.split == "train" else cfg.data.split
+
+
 def _dataset(cfg: Config, split: str | None = None):
     """The config's dataset (or another split of it) without random flips."""
     data = dataclasses.replace(cfg.data, hflip=False, split=split or cfg.data.split)
     return make_dataset(data, cfg.model.image_size, cfg.model.in_channels)
+
+
+def _real_images(dataset, k: int, seed: int) -> torch.Tensor:
+    """k images (or all, if fewer) drawn at random without replacement, (k, C, H, W)."""
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:k]
+    return torch.stack([dataset[int(i)] for i in pick])
 
 
 def dataset_fingerprint(dataset) -> str:
@@ -143,13 +158,13 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     against the reference statistics of the training data; with `real`, n real images stand
     in for the samples, giving the floor each metric can reach at that n (held-out images
     when the model trained on the train split and the test split has n, else training images,
-    which the reference statistics also hold). bpd
-    is the variational bound on bpd_n held-out images (the test split, when the model trained
-    on the train split), with the checkpoint's reverse variance.
+    which the reference statistics also hold). bpd is the variational bound on bpd_n held-out
+    images (the test split, when the model trained on the train split), with the checkpoint's
+    reverse variance.
     """
     if metrics is None:  # all that apply: recognisability needs the digit classifier
         name = extractor.name if isinstance(extractor, Extractor) else extractor
-        digits = name == "digits" or (name is None and ckpt.config.data.dataset == "mnist")
+        digits = (name or _default_extractor(ckpt.config)) == "digits"
         metrics = METRICS if digits else ("fid", "kid", "bpd")
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -168,15 +183,14 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
             raise ValueError("recognisable needs the digits extractor")
         ref = reference_stats(cfg, extractor, cache_dir, progress=progress)
         if real:  # held-out images where there are enough, else training images
-            split = cfg.data.split
-            if split == "train" and len(_dataset(cfg, "test")) >= n:
-                split = "test"
+            split = _held_out_split(cfg)
             data = _dataset(cfg, split)
-            pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:n]
-            x = torch.stack([data[int(i)] for i in pick])
+            if len(data) < n:
+                split, data = cfg.data.split, _dataset(cfg)
+            x = _real_images(data, n, seed)
             feats = extractor.features(x)
             probs = extractor.probs(x) if "recognisable" in metrics else None
-            n, source, n_steps, sampling = len(pick), f"real ({split} split)", None, 0.0
+            n, source, n_steps, sampling = len(x), f"real ({split} split)", None, 0.0
         else:
             feats, probs, sampling = _sample_batches(ckpt, n, extractor,
                                                      "recognisable" in metrics,
@@ -199,10 +213,8 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
                          "seconds": round(shared + time.time() - t2, 2)})
     if "bpd" in metrics and not real:
         t0 = time.time()
-        split = "test" if cfg.data.split == "train" else cfg.data.split
-        data = _dataset(cfg, split)
-        pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[:bpd_n]
-        x0 = torch.stack([data[int(i)] for i in pick]).to(device)
+        split = _held_out_split(cfg)
+        x0 = _real_images(_dataset(cfg, split), bpd_n, seed).to(device)
         bpd = torch.cat([bits_per_dim(ckpt.model, ckpt.schedule, x0[i:i + batch_size],
                                       variance=cfg.diffusion.variance, progress=progress,
                                       prediction=cfg.diffusion.prediction,

@@ -21,6 +21,7 @@ import torchvision
 from torch import nn
 
 from .checkpoint import save_checkpoint
+from .data import mnist_5k, mnist_5k_arrays
 from .likelihood import quantize
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -37,20 +38,21 @@ class Extractor:
     net: nn.Module  # eval mode; net.features(x) -> (B, D); the digit CNN's forward gives logits
     device: torch.device
 
-    @torch.no_grad()
     def features(self, images: torch.Tensor, batch_size: int = 200) -> np.ndarray:
         """Features (N, D) in float64 of images (N, C, H, W) in [-1, 1], rounded to 8 bits
         first so that samples and real images are treated as the same PNG files would be."""
-        out = [self.net.features(quantize(images[i:i + batch_size].to(self.device)).float())
-               for i in range(0, len(images), batch_size)]
-        return torch.cat(out).double().cpu().numpy()
+        return self._batched(self.net.features, images, batch_size)
 
-    @torch.no_grad()
     def probs(self, images: torch.Tensor, batch_size: int = 200) -> np.ndarray:
         """Class probabilities (N, 10) from the digit classifier."""
         if self.name != "digits":
             raise ValueError(f"the {self.name} extractor has no classifier head")
-        out = [F.softmax(self.net(quantize(images[i:i + batch_size].to(self.device))), dim=1)
+        return self._batched(lambda x: F.softmax(self.net(x), dim=1), images, batch_size)
+
+    @torch.no_grad()
+    def _batched(self, fn, images: torch.Tensor, batch_size: int) -> np.ndarray:
+        """fn over the images in batches on the device, rounded to 8 bits, as float64."""
+        out = [fn(quantize(images[i:i + batch_size].to(self.device)).float())
                for i in range(0, len(images), batch_size)]
         return torch.cat(out).double().cpu().numpy()
 
@@ -205,8 +207,6 @@ def digit_extractor(image_size: int, cache_dir: str | Path = "data/cache",
                     device: torch.device | str = "cpu") -> Extractor:
     """The digit CNN trained on all 5,000 embedded digits at `image_size`, cached in
     `cache_dir` under a name that holds a hash of the digits and the size."""
-    from .data import mnist_5k, mnist_5k_arrays
-
     images = quantize(mnist_5k(image_size).images)  # (5000, 1, S, S)
     labels = torch.from_numpy(mnist_5k_arrays()[1])
     h = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes() + b"DigitCNN-v1")

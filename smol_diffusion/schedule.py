@@ -108,7 +108,7 @@ class NoiseSchedule:
     @classmethod
     def from_name(cls, name: str, T: int, zero_terminal_snr: bool = False) -> NoiseSchedule:
         """`linear` or `cosine` with T steps, rescaled to zero terminal SNR if asked."""
-        if name not in ("linear", "cosine"):
+        if name not in SCHEDULES:
             raise ValueError(f"unknown schedule {name!r}: use 'linear' or 'cosine'")
         schedule = getattr(cls, name)(T)
         return schedule.rescale_zero_terminal_snr() if zero_terminal_snr else schedule
@@ -146,6 +146,7 @@ class NoiseSchedule:
         return NoiseSchedule(1.0 - ab / ab_prev, timesteps=self.timesteps[ts])
 
 
+SCHEDULES = ("linear", "cosine")
 SPACINGS = ("trailing", "linspace", "leading")
 
 
