@@ -79,8 +79,8 @@ def main() -> None:
                                 args.cache_dir))
 
     ref = rows[0]
-    print(f"\n| sampler | NFE | spacing | FID | KID | recognisable | ms/image |\n"
-          f"| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| sampler | NFE | spacing | FID | KID | recognisable | ms/image |\n"
+          "| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         rec = f"{r['recognisable']:.1%}" if "recognisable" in r else "-"
         print(f"| {r['sampler']} | {r['nfe']} | {r['spacing']} | {r['fid']:.2f} | "

@@ -17,7 +17,7 @@ class Recorder(nn.Module):
 
 def expected(schedule, x0, seed, gamma=None):
     """Replays the loss's random draws and computes Eq. 14 (and the weighting) by hand."""
-    g = torch.manual_seed(seed)
+    torch.manual_seed(seed)
     t = torch.randint(0, schedule.T, (x0.shape[0],))
     noise = torch.randn_like(x0)
     err = (0.5 * q_sample(schedule, x0, t, noise) - noise).pow(2).mean(dim=(1, 2, 3))
