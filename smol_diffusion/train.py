@@ -12,34 +12,18 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkpoint,
                          save_checkpoint)
 from .config import PRESETS, Config, all_fields, get_preset
-from .data import make_dataset
+from .data import batches, make_dataset, to_device
 from .diffusion import simple_loss
 from .evaluate import SAMPLE_METRICS, evaluate
-from .hardware import autocast, pick_device, use_bf16
+from .hardware import autocast, compile_model, pick_device, use_bf16
 from .schedule import NoiseSchedule
 from .unet import UNet
 from .viz import display_inline, save_grid
-
-
-class EpochSampler(Sampler[int]):
-    """A new random order of n indices each epoch, seeded by (seed, epoch), so a resumed run
-    sees the data in the same order as an uninterrupted one; the first `skip` are left out."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed, self.epoch, self.skip = n, seed, 0, 0
-
-    def __len__(self) -> int:
-        return self.n - self.skip
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.randperm(self.n, generator=g)[self.skip:].tolist()
 
 
 def lr_at(step: int, cfg) -> float:
@@ -75,24 +59,21 @@ def train(cfg: Config, progress: bool = True) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    dataset = make_dataset(cfg.data, mc.image_size, mc.in_channels)
-    if len(dataset) < tc.batch_size:
-        raise ValueError(f"the dataset has {len(dataset)} images, fewer than one batch of "
+    images = make_dataset(cfg.data, mc.image_size, mc.in_channels, progress).images
+    if len(images) < tc.batch_size:
+        raise ValueError(f"the dataset has {len(images)} images, fewer than one batch of "
                          f"{tc.batch_size}; lower batch_size")
-    sampler = EpochSampler(len(dataset), tc.seed)
-    loader = DataLoader(dataset, batch_size=tc.batch_size, sampler=sampler, drop_last=True,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=cfg.data.num_workers > 0,
-                        # its own generator: starting an epoch draws no numbers from the global
-                        # RNG, whose state a checkpoint restores for the noise and timesteps
-                        generator=torch.Generator().manual_seed(tc.seed))
-    steps_per_epoch = len(dataset) // tc.batch_size
+    steps_per_epoch = len(images) // tc.batch_size
     schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T,
                                        cfg.diffusion.zero_terminal_snr)
-    model = UNet(mc).to(device)
+    fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
+    model = UNet(mc).to(device, memory_format=fmt)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
+    net = compile_model(model, tc.compile)  # the training forward; `model` holds the weights
+    # one fused kernel for the whole update where PyTorch has it (CUDA, CPU), else foreach
+    fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
-                            fused=device.type == "cuda")
+                            fused=fused, foreach=None if fused else True)
     step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "eval": []}
     if tc.resume:
         state = read_checkpoint(tc.resume)
@@ -129,20 +110,20 @@ def train(cfg: Config, progress: bool = True) -> dict:
 
     model.train()
     # Resume mid-epoch: the same order as an uninterrupted run, minus the batches already seen.
-    sampler.epoch, seen = divmod(step, steps_per_epoch)
-    sampler.skip = seen * tc.batch_size
+    epoch, skip = divmod(step, steps_per_epoch)
     bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train")
     loss_sum, n_sum, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
     while step < tc.steps:
-        for x0 in loader:
-            x0 = x0.to(device, non_blocking=True)  # (B, C, H, W) in [-1, 1]
+        for batch in batches(images, tc.batch_size, tc.seed, epoch, skip):
+            x0 = to_device(batch, device, cfg.data.hflip)  # (B, C, H, W) in [-1, 1]
+            x0 = x0.contiguous(memory_format=fmt)
             # 1. learning rate
             lr = lr_at(step, tc)
             for group in opt.param_groups:
                 group["lr"] = lr
             # 2. forward / backward
             with autocast(device, bf16):
-                loss = simple_loss(model, schedule, x0, cfg.diffusion.min_snr_gamma,
+                loss = simple_loss(net, schedule, x0, cfg.diffusion.min_snr_gamma,
                                    cfg.diffusion.prediction)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,7 +158,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 write_checkpoint()
             if step >= tc.steps:
                 break
-        sampler.epoch, sampler.skip = sampler.epoch + 1, 0
+        epoch, skip = epoch + 1, 0
     bar.close()
     write_checkpoint()
     if tc.sample_n:

@@ -81,8 +81,9 @@ def folder_cfg(tmp_path, n=6):
     rng = np.random.default_rng(0)
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / f"{i}.png")
-    return smol_diffusion.get_preset("demo").override(dataset="folder", root=str(root),
-                                                      image_size=4, in_channels=3)
+    return smol_diffusion.get_preset("demo").override(
+        dataset="folder", root=str(root), image_size=4, in_channels=3,
+        cache_dir=str(tmp_path / "image_cache"))
 
 
 def test_reference_stats_are_cached_under_a_key_that_cannot_go_stale(tmp_path, monkeypatch):

@@ -5,11 +5,10 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 import smol_diffusion
 from smol_diffusion import NoiseSchedule, load_checkpoint
-from smol_diffusion.data import mnist_5k
+from smol_diffusion.data import mnist_5k, to_model_range
 from smol_diffusion.likelihood import (bits_per_dim, discretized_gaussian_log_likelihood,
                                        prior_bpd, quantize, vb_term_bpd)
 
@@ -83,7 +82,7 @@ def test_a_trained_model_scores_far_better_than_an_untrained_one(tiny_cfg):
     smol_diffusion.train(cfg, progress=False)
     trained = load_checkpoint(f"{cfg.train.out_dir}/ckpt.pt", device="cpu")
     untrained = smol_diffusion.UNet(cfg.model).eval()
-    x0 = mnist_5k(8, "test").images[:64]
+    x0 = to_model_range(mnist_5k(8, "test").images[:64])
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     good = bits_per_dim(trained.model, trained.schedule, x0, generator=gen())
     bad = bits_per_dim(untrained, trained.schedule, x0, generator=gen())

@@ -4,27 +4,20 @@ import sys
 
 import pytest
 import torch
-from torch.utils.data import Dataset
 
 import smol_diffusion
 from smol_diffusion import load_checkpoint
 from smol_diffusion.checkpoint import read_checkpoint, save_checkpoint
 from smol_diffusion.config import Config
+from smol_diffusion.data import TensorImages
 from smol_diffusion.train import ema_decay_at, lr_at, parse_args
 
 
 def test_overfits_a_few_images(tiny_cfg, monkeypatch):
     """Four fixed images: the loss at low noise levels falls by a large factor."""
-    images = torch.rand(4, 1, 8, 8) * 2 - 1
-
-    class Four(Dataset):
-        def __len__(self):
-            return 256
-
-        def __getitem__(self, i):
-            return images[i % 4]
-
-    monkeypatch.setattr(sys.modules["smol_diffusion.train"], "make_dataset", lambda *a: Four())
+    images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8).repeat(64, 1, 1, 1)
+    monkeypatch.setattr(sys.modules["smol_diffusion.train"], "make_dataset",
+                        lambda *a: TensorImages(images))
     cfg = tiny_cfg.override(steps=300, lr=3e-3, warmup=20, log_every=20, sample_every=0,
                             checkpoint_every=0, sample_n=0, ema_decay=0.99)
     history = smol_diffusion.train(cfg, progress=False)
@@ -131,3 +124,39 @@ def test_cli_overrides():
         parse_args(["--steps", "many"])
     with pytest.raises(ValueError, match="unknown config field"):
         Config().override(learning_rate=1.0)
+
+
+def _speed_cfg(tiny_cfg):
+    """Four steps of a one-level network, the loss read at each."""
+    return tiny_cfg.override(channel_mults=(1,), num_res_blocks=1, attn_resolutions=(8,),
+                             steps=4, log_every=1, sample_every=0, sample_n=0,
+                             checkpoint_every=0)
+
+
+def test_compile_trains_exactly_like_eager(tiny_cfg):
+    """torch.compile (inductor, a C++ toolchain on the CPU; ~1 minute) gives the same losses."""
+    cfg = _speed_cfg(tiny_cfg)
+    eager = smol_diffusion.train(cfg, progress=False)
+    compiled = smol_diffusion.train(cfg.override(compile=True), progress=False)
+    assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+
+
+def test_compile_that_fails_warns_and_trains_eagerly(tiny_cfg, monkeypatch):
+    def broken_compile(model, **kwargs):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = _speed_cfg(tiny_cfg)
+    eager = smol_diffusion.train(cfg, progress=False)
+    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
+        fallback = smol_diffusion.train(cfg.override(compile=True), progress=False)
+    assert fallback["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+
+
+def test_channels_last_trains_like_contiguous(tiny_cfg):
+    cfg = _speed_cfg(tiny_cfg)
+    plain = smol_diffusion.train(cfg, progress=False)
+    cl = smol_diffusion.train(cfg.override(channels_last=True), progress=False)
+    assert cl["loss"] == pytest.approx(plain["loss"], rel=1e-4)
