@@ -1,89 +1,348 @@
-"""Training throughput of the presets' models, fp32 against bf16 autocast, side by side.
+"""Training throughput, measured side by side in one run, against the device's own peak.
 
-    python benchmarks/train_throughput.py [--models demo,cars64] [--repeats 3]
-                                          [--variants fp32,bf16,fp32+cl,bf16+cl]
+    python benchmarks/train_throughput.py [--models demo,cars64] [--variants fp32,bf16,...]
+                                          [--peers] [--device auto] [--json FILE]
 
-One training step is forward, backward and AdamW on random images at the preset's resolution.
-Prints img/s (median of the timed steps after a warm-up step) and achieved GFLOP/s, counted
-with torch.utils.flop_counter, for each model and precision, plus the bf16/fp32 ratio.
+For each preset's model and each variant (fp32 or bf16 autocast, "+cl" channels_last,
+"+compile" torch.compile), the trainer itself (`smol_diffusion.train`) runs on a folder of
+synthetic images through the real input pipeline (image cache, batches, device-side flips),
+each variant in a fresh process. Printed: img/s (median over the logged intervals after the
+first, which holds warm-up and compilation), FLOPs per image (forward + backward, counted with
+torch.utils.flop_counter), achieved GFLOP/s and its share of a large matmul's rate measured in
+this run in the same precision (fp32 variants use TF32 on CUDA, as training does), the speedup
+over fp32, and peak memory (CUDA: allocated tensors; CPU: the process's resident set).
+Then the input pipeline alone: decoding into the cache, and cached batches delivered to the
+device (gather, pinned copy, conversion, flips), against the fastest training rate measured.
+With --peers (pip install -r benchmarks/requirements-peers.txt): diffusers' UNet2DModel and
+lucidrains' denoising-diffusion-pytorch Unet configured like cars64, and ours, timed through
+one identical training step (loss, backward, clip, fused AdamW, EMA), compared at equal FLOPs.
 """
 from __future__ import annotations
 
 import argparse
-import sys
+import json
+import platform
+import resource
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 import smol_diffusion as sd  # noqa: E402
+from smol_diffusion.data import batches, make_dataset, to_device  # noqa: E402
 from smol_diffusion.diffusion import simple_loss  # noqa: E402
 from smol_diffusion.hardware import autocast, pick_device  # noqa: E402
 
-# CPU batches are small so a bf16 step on a CPU without native bf16 still ends in minutes.
-CPU_BATCH = {"demo": 64, "cars64": 2}
+# Per device type: batch, steps and log interval per preset (the cars64 CPU batch is small so
+# that a run ends in minutes). A CPU without native bf16 runs bf16 at batch 1 for 2 steps.
+PLAN = {"cuda": {"demo": (64, 200, 40), "cars64": (64, 60, 10)},
+        "cpu": {"demo": (64, 100, 20), "cars64": (4, 4, 1)}}
+DEFAULT_VARIANTS = {"cuda": "fp32,bf16,fp32+cl,bf16+cl,bf16+compile,bf16+cl+compile",
+                    "cpu": "fp32,bf16,fp32+cl,fp32+compile"}
 
 
-def step_fn(model, opt, schedule, x, device, bf16):
-    def step() -> None:
+def synthetic_images(folder: Path, n: int, size: int) -> Path:
+    """n smooth random colour images (PNG, 5:4 so the centre crop does something)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        small = rng.integers(0, 255, (5, 6, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size * 5 // 4, size), Image.BICUBIC).save(
+            folder / f"{i:05d}.png")
+    return folder
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """GFLOP/s of a large square matmul in `dtype` (TF32 allowed on CUDA for float32), the
+    median of several; a size that takes under a second where the dtype is slow (bf16 on a
+    CPU without native bf16 kernels)."""
+    n = 512
+    while True:
+        a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+        a @ b
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        t = time.perf_counter() - t0
+        if t > 0.2 or n >= (8192 if device.type == "cuda" else 2048):
+            break
+        n *= 2
+    reps = max(3, min(50, int(1.0 / max(t, 1e-4))))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def flops_per_image(model, batch: int, shape: tuple, device: torch.device, call=None) -> float:
+    """Forward + backward FLOPs of the training loss per image (counted, not estimated)."""
+    x = torch.randn(batch, *shape, device=device)
+    t = torch.randint(0, 1000, (batch,), device=device)
+    with FlopCounterMode(display=False) as counter:
+        out = (call or model)(x, t)
+        out.float().pow(2).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / batch
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def slow_bf16(device: torch.device) -> bool:
+    return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def train_job(preset: str, variant: str, device: torch.device, folder: str) -> dict:
+    """The trainer's own img/s for one variant on the synthetic folder."""
+    batch, steps, log_every = PLAN[device.type][preset]
+    parts = variant.split("+")
+    bf16 = parts[0] == "bf16"
+    if bf16 and slow_bf16(device) and preset == "cars64":
+        batch, steps, log_every = 1, 2, 1
+    with tempfile.TemporaryDirectory() as out:
+        cfg = sd.get_preset(preset).override(
+            dataset="folder", root=folder, cache_dir=str(Path(folder) / "cache"),
+            batch_size=batch, steps=steps, log_every=log_every, warmup=1, sample_every=0,
+            sample_n=0, checkpoint_every=0, eval_every=0, out_dir=out, device=str(device),
+            precision=parts[0], channels_last="cl" in parts, compile="compile" in parts)
+        m = cfg.model
+        per_image = flops_per_image(sd.UNet(m).to(device), min(batch, 8),
+                                    (m.in_channels, m.image_size, m.image_size), device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        history = sd.train(cfg, progress=False)
+        rates = history["img_per_s"][1:]
+        return {"model": preset, "variant": variant, "batch": batch, "steps": steps,
+                "img_s": statistics.median(rates), "flops_per_img": per_image,
+                "first_interval_s": log_every * batch / history["img_per_s"][0],
+                "wall_s": time.time() - t0, "mem_gib": peak_memory_gib(device)}
+
+
+def pipeline_job(preset: str, device: torch.device, folder: str, seconds: float = 2.0) -> dict:
+    """The input pipeline alone: decoding into a fresh cache, then cached batches delivered to
+    the device as floats with flips (what the trainer does before each step)."""
+    cfg = sd.get_preset(preset)
+    batch = PLAN[device.type][preset][0]
+    with tempfile.TemporaryDirectory() as cache:
+        data = cfg.data.__class__(dataset="folder", root=folder, cache_dir=cache)
+        t0 = time.perf_counter()
+        images = make_dataset(data, cfg.model.image_size, cfg.model.in_channels, False).images
+        decode = len(images) / (time.perf_counter() - t0)
+        n, epoch, t0 = 0, 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            for b in batches(images, batch, seed=0, epoch=epoch):
+                x = to_device(b, device, hflip=True)
+                n += len(x)
+            epoch += 1
+        sync(device)
+        return {"model": preset, "batch": batch, "decode_img_s": decode,
+                "deliver_img_s": n / (time.perf_counter() - t0)}
+
+
+def peer_model(name: str, device: torch.device):
+    """(model, call(x, t) -> eps_hat) for ours and the peers, each configured like cars64:
+    64x64, channels 128-256-256-256, 2 blocks a level, attention at 16 and 8 (4 heads),
+    dropout 0.1."""
+    if name == "smol":
+        model = sd.UNet(sd.get_preset("cars64").model)
+        return model.to(device), model
+    if name == "diffusers":
+        from diffusers import UNet2DModel
+        model = UNet2DModel(
+            sample_size=64, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256),
+            layers_per_block=2, down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D",
+                                                  "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+            attention_head_dim=64, dropout=0.1).to(device)
+        return model, lambda x, t: model(x, t).sample
+    if name == "lucidrains":
+        from denoising_diffusion_pytorch import Unet
+        model = Unet(dim=128, dim_mults=(1, 2, 2, 2), channels=3, dropout=0.1, attn_heads=4,
+                     attn_dim_head=64, full_attn=(False, False, True, True),
+                     flash_attn=device.type == "cuda").to(device)
+        return model, model
+    raise ValueError(name)
+
+
+def peer_job(name: str, device: torch.device, bf16: bool) -> dict:
+    """img/s of one identical training step around each network: the L_simple loss, backward,
+    gradient clipping, fused AdamW and an EMA update."""
+    batch, _, _ = PLAN[device.type]["cars64"]
+    steps = 30 if device.type == "cuda" else 4
+    torch.manual_seed(0)
+    model, call = peer_model(name, device)
+    per_image = flops_per_image(model, min(batch, 8), (3, 64, 64), device, call)
+    params = list(model.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=2e-4, fused=device.type in ("cuda", "cpu"))
+    schedule = sd.NoiseSchedule.linear(1000)
+    x0 = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
         with autocast(device, bf16):
-            loss = simple_loss(model, schedule, x)
+            loss = simple_loss(call, schedule, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-    return step
+        torch._foreach_lerp_(ema, params, 1e-4)
+        sync(device)
+        if i:  # the first step warms up
+            times.append(time.perf_counter() - t0)
+    return {"model": name, "variant": "bf16" if bf16 else "fp32", "batch": batch,
+            "img_s": batch / statistics.median(times), "flops_per_img": per_image,
+            "params_m": sum(p.numel() for p in params) / 1e6, "mem_gib": peak_memory_gib(device)}
 
 
-def measure(preset: str, variant: str, repeats: int, device: torch.device) -> dict:
-    """img/s and GFLOP/s of one model in one variant: "fp32" or "bf16" (autocast), with
-    "+cl" for channels_last weights and inputs."""
-    bf16, channels_last = variant.startswith("bf16"), variant.endswith("+cl")
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    torch.manual_seed(0)
-    m = sd.get_preset(preset).model
-    batch = CPU_BATCH[preset] if device.type == "cpu" else 64
-    model = sd.UNet(m).to(device, memory_format=fmt)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    schedule = sd.NoiseSchedule.linear(1000)
-    x = torch.randn(batch, m.in_channels, m.image_size, m.image_size, device=device)
-    x = x.contiguous(memory_format=fmt)
-    step = step_fn(model, opt, schedule, x, device, bf16)
-    with FlopCounterMode(display=False) as counter:
-        step()  # also the warm-up step
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    t = statistics.median(times)
-    return {"batch": batch, "img_s": batch / t, "gflops": counter.get_total_flops() / t / 1e9}
+def run_job(job: dict) -> dict:
+    """Run one job in a fresh Python process (clean memory peak, no compiled state kept)."""
+    proc = subprocess.run([sys.executable, __file__, "--job", json.dumps(job)],
+                          capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:200]}
+
+
+def num(x: float, width: int) -> str:
+    """x with three significant digits (0.0091, 1.01, 732) or thousands separators."""
+    return f"{x:{width},.0f}" if abs(x) >= 100 else f"{x:{width}.3g}"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    return f"{cpu}, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="demo,cars64")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated: fp32 or bf16, with +cl (channels_last) and/or "
+                             "+compile; default: " + "; ".join(f"{k}: {v}" for k, v in
+                                                              DEFAULT_VARIANTS.items()))
+    parser.add_argument("--peers", action="store_true",
+                        help="also time diffusers' and lucidrains' UNets (optional installs)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the peer comparison")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--variants", default="fp32,bf16",
-                        help="comma-separated: fp32, bf16, fp32+cl, bf16+cl (cl: channels_last)")
+    parser.add_argument("--json", default=None, help="also write every result to this file")
+    parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = pick_device(args.device)
-    print(f"torch {torch.__version__} on {device}, {torch.get_num_threads()} threads")
-    print(f"{'model':8s} {'variant':9s} {'batch':>5s} {'img/s':>8s} {'GFLOP/s':>8s} "
-          f"{'vs fp32':>7s}")
-    for preset in args.models.split(","):
-        fp32 = measure(preset, "fp32", args.repeats, device)
-        for name in args.variants.split(","):
-            r = fp32 if name == "fp32" else measure(preset, name, args.repeats, device)
-            print(f"{preset:8s} {name:9s} {r['batch']:5d} {r['img_s']:8.2f} {r['gflops']:8.1f} "
-                  f"{r['img_s'] / fp32['img_s']:7.2f}", flush=True)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if args.job:
+        job = json.loads(args.job)
+        kind = job.pop("kind")
+        result = {"train": train_job, "pipeline": pipeline_job, "peer": peer_job}[kind](
+            device=device, **job)
+        print("RESULT " + json.dumps(result))
+        return
+    results = {"machine": machine(device), "torch": torch.__version__,
+               "date": time.strftime("%Y-%m-%d"), "train": [], "pipeline": [], "peers": []}
+    print(f"{results['machine']}; torch {torch.__version__}; {results['date']}")
+    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device,
+                                                                            torch.bfloat16)}
+    results["peak_gflops"] = peaks
+    print(f"measured matmul peak: fp32{'/tf32' if device.type == 'cuda' else ''} "
+          f"{num(peaks['fp32'], 1)} GFLOP/s, bf16 {num(peaks['bf16'], 1)} GFLOP/s"
+          + (" (no native bf16 on this CPU: reference kernels)" if slow_bf16(device) else ""))
+    variants = (args.variants or DEFAULT_VARIANTS[device.type]).split(",")
+    models = [m for m in args.models.split(",") if m]  # --models "" for the peers alone
+    with tempfile.TemporaryDirectory() as tmp:
+        if models:
+            print(f"\n{'model':7s} {'variant':16s} {'batch':>5s} {'img/s':>8s} {'GFLOP/img':>9s} "
+                  f"{'GFLOP/s':>9s} {'% peak':>6s} {'vs fp32':>7s} {'mem GiB':>7s}  "
+                  "first interval")
+        for preset in models:
+            size = sd.get_preset(preset).model.image_size
+            folder = synthetic_images(Path(tmp) / f"img{size}", 512, size)
+            base = None
+            for variant in variants:
+                r = run_job({"kind": "train", "preset": preset, "variant": variant,
+                             "folder": str(folder)}) | {"model": preset, "variant": variant}
+                results["train"].append(r)
+                if "error" in r:
+                    print(f"{preset:7s} {variant:16s} failed: {r['error']}")
+                    continue
+                base = base or (r if variant == "fp32" else None)
+                gflops = r["img_s"] * r["flops_per_img"] / 1e9
+                r["gflops"], r["share_of_peak"] = gflops, gflops / peaks[variant.split("+")[0]]
+                speedup = f"{r['img_s'] / base['img_s']:7.2f}" if base else f"{'':7s}"
+                print(f"{preset:7s} {variant:16s} {r['batch']:5d} {num(r['img_s'], 8)} "
+                      f"{r['flops_per_img'] / 1e9:9.2f} {num(gflops, 9)} "
+                      f"{r['share_of_peak']:6.1%} {speedup} {r['mem_gib']:7.2f}  "
+                      f"{r['first_interval_s']:.1f}s", flush=True)
+            rates = [r["img_s"] for r in results["train"] if r["model"] == preset and "img_s" in r]
+            if preset == "cars64" and rates:
+                print(f"the original's 6.1M images (40 GPU-hours there) at the fastest cars64 "
+                      f"rate, {max(rates):,.4g} img/s: {6.1e6 / max(rates) / 3600:,.1f} hours")
+        if models:
+            print(f"\n{'input pipeline':16s} {'batch':>5s} {'decode img/s':>12s} "
+                  f"{'deliver img/s':>13s} {'x fastest training':>18s}")
+        for preset in models:
+            size = sd.get_preset(preset).model.image_size
+            r = run_job({"kind": "pipeline", "preset": preset,
+                         "folder": str(Path(tmp) / f"img{size}")})
+            results["pipeline"].append(r)
+            fastest = max((t["img_s"] for t in results["train"]
+                           if t.get("model") == preset and "img_s" in t), default=float("nan"))
+            r["x_training"] = r.get("deliver_img_s", float("nan")) / fastest
+            print(f"{preset:16s} {r.get('batch', 0):5d} {r.get('decode_img_s', 0):12,.0f} "
+                  f"{r.get('deliver_img_s', 0):13,.0f} {r['x_training']:18,.0f}"
+                  + (f"  failed: {r['error']}" if "error" in r else ""), flush=True)
+    if args.peers:
+        print(f"\n{'cars64-like UNet':16s} {'variant':7s} {'params':>7s} {'img/s':>7s} "
+              f"{'GFLOP/img':>9s} {'GFLOP/s':>9s} {'img/s at our FLOPs':>18s} {'mem GiB':>7s}"
+              f"  (median of {args.rounds} interleaved rounds)")
+        for bf16 in ([False, True] if device.type == "cuda" else [False]):
+            runs = {name: [] for name in ("smol", "diffusers", "lucidrains")}
+            for _ in range(args.rounds):  # interleaved, so a slow spell hits every model
+                for name in runs:
+                    runs[name].append(run_job({"kind": "peer", "name": name, "bf16": bf16}))
+            ours = None
+            for name, rs in runs.items():
+                ok = [r for r in rs if "error" not in r]
+                if not ok or (ours is None and name != "smol"):
+                    print(f"{name:16s} failed: {rs[0].get('error', 'ours failed')}")
+                    continue
+                r = ok[0] | {"img_s": statistics.median(x["img_s"] for x in ok),
+                             "img_s_rounds": [x["img_s"] for x in ok]}
+                results["peers"].append(r)
+                ours = r if name == "smol" else ours
+                gflops = r["img_s"] * r["flops_per_img"] / 1e9
+                r["img_s_at_our_flops"] = gflops * 1e9 / ours["flops_per_img"]
+                print(f"{name:16s} {r['variant']:7s} {r['params_m']:6.1f}M {num(r['img_s'], 7)} "
+                      f"{r['flops_per_img'] / 1e9:9.2f} {num(gflops, 9)} "
+                      f"{num(r['img_s_at_our_flops'], 18)} {r['mem_gib']:7.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
