@@ -37,7 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 import smol_diffusion as sd  # noqa: E402
-from smol_diffusion.data import batches, make_dataset, to_device  # noqa: E402
+from smol_diffusion.data import batch_indices, make_dataset, to_device  # noqa: E402
 from smol_diffusion.diffusion import simple_loss  # noqa: E402
 from smol_diffusion.hardware import autocast, pick_device  # noqa: E402
 
@@ -151,8 +151,8 @@ def pipeline_job(preset: str, device: torch.device, folder: str, seconds: float 
         decode = len(images) / (time.perf_counter() - t0)
         n, epoch, t0 = 0, 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds:
-            for b in batches(images, batch, seed=0, epoch=epoch):
-                x = to_device(b, device, hflip=True)
+            for idx in batch_indices(len(images), batch, seed=0, epoch=epoch):
+                x = to_device(images[idx], device, torch.rand(len(idx), device=device) < 0.5)
                 n += len(x)
             epoch += 1
         sync(device)

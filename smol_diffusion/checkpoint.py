@@ -76,18 +76,21 @@ def load_weights(model: torch.nn.Module, weights: dict, path: str | Path) -> Non
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the EMA model in eval mode, its schedule, config and step."""
+    """A loaded checkpoint: the EMA model in eval mode, its schedule, config and step, and for
+    a class-conditional model the names of its classes."""
 
     model: UNet
     schedule: NoiseSchedule
     config: Config
     step: int
     history: dict
+    classes: list[str] | None = None
 
     def sample(self, n: int, *, generator: torch.Generator | None = None,
                steps: int | None = None, **kwargs) -> torch.Tensor:
         """n images in [-1, 1] from the EMA model. The sampler, steps, spacing, variance and
-        prediction default to the config's; other keywords go to `smol_diffusion.sample`."""
+        prediction default to the config's; other keywords go to `smol_diffusion.sample`
+        (`labels=`, `guidance=` for a conditional model)."""
         m, d = self.config.model, self.config.diffusion
         for name in ("sampler", "spacing", "variance", "prediction"):
             kwargs.setdefault(name, getattr(d, name))
@@ -106,4 +109,5 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> Ch
     model.to(pick_device(device) if isinstance(device, str) else device).eval()
     schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T,
                                        cfg.diffusion.zero_terminal_snr)
-    return Checkpoint(model, schedule, cfg, int(state["step"]), state.get("history", {}))
+    return Checkpoint(model, schedule, cfg, int(state["step"]), state.get("history", {}),
+                      state.get("classes"))

@@ -27,6 +27,7 @@ class ModelConfig:
     attn_resolutions: tuple[int, ...] = (16,)  # resolutions with self-attention
     heads: int = 4  # attention heads
     dropout: float = 0.1  # dropout inside residual blocks
+    num_classes: int = 0  # > 0: class-conditional, a label embedding added to the time's
 
     def __post_init__(self) -> None:
         if self.out_channels is None:
@@ -80,13 +81,15 @@ class TrainConfig:
     """The optimisation loop."""
 
     steps: int = 100_000  # optimizer steps
-    batch_size: int = 64  # images per step
+    batch_size: int = 64  # images per step, over all processes (torchrun) together
+    grad_accum: int = 1  # micro-batches per step: batch_size / (processes * grad_accum) at once
     lr: float = 2e-4  # peak AdamW learning rate
     warmup: int = 5000  # steps of linear learning-rate warmup
     lr_schedule: str = "constant"  # after warmup: "constant" or "cosine" decay to 10% of lr
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # gradient-norm clipping threshold
     ema_decay: float = 0.9999  # EMA decay, reached after the warmup (1+n)/(10+n)
+    label_dropout: float = 0.1  # conditional models: share of labels dropped (Ho & Salimans)
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where it is faster)
     compile: bool = False  # torch.compile the network (falls back to eager, with a warning)
     channels_last: bool = False  # channels_last memory format (cars64 on a GPU: slower, eager)

@@ -56,14 +56,19 @@ def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
 
 class TensorImages(Dataset):
     """Images held as one uint8 tensor (N, C, H, W), in memory or memory-mapped from the
-    image cache. Item i is image i as floats in [-1, 1]; the trainer gathers whole batches
-    from `images` and converts them on its device (`to_device`)."""
+    image cache, with class `labels` (N,) int64 and their names `classes` where the dataset
+    has them (else None). Item i is image i as floats in [-1, 1]; the trainer gathers whole
+    batches from `images` and converts them on its device (`to_device`)."""
 
-    def __init__(self, images: torch.Tensor):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None,
+                 classes: list[str] | None = None):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} "
                              f"{tuple(images.shape)}")
-        self.images = images
+        if labels is not None and (labels.shape != (len(images),) or classes is None
+                                   or labels.min() < 0 or labels.max() >= len(classes)):
+            raise ValueError("labels must be one class index in [0, len(classes)) per image")
+        self.images, self.labels, self.classes = images, labels, classes
 
     def __len__(self) -> int:
         return len(self.images)
@@ -124,25 +129,27 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
-def batches(images: torch.Tensor, batch_size: int, seed: int, epoch: int,
-            skip: int = 0) -> Iterator[torch.Tensor]:
-    """The full batches of one epoch, uint8 (B, C, H, W), gathered from `images` (memory or a
-    memory map) in `epoch_order`; the first `skip` batches are left out (a resumed run)."""
-    order = epoch_order(len(images), seed, epoch)
-    for start in range(skip * batch_size, len(order) - batch_size + 1, batch_size):
-        yield images[order[start:start + batch_size]]
+def batch_indices(n: int, batch_size: int, seed: int, epoch: int, skip: int = 0,
+                  rank: int = 0, world: int = 1) -> Iterator[torch.Tensor]:
+    """The image indices of each full batch of one epoch, in `epoch_order`; the first `skip`
+    batches are left out (a resumed run). With `world` processes, `batch_size` is the global
+    batch and process `rank` gets its own consecutive 1/world of each (a distributed sampler
+    whose union over ranks is the single-process batch)."""
+    order, local = epoch_order(n, seed, epoch), batch_size // world
+    for start in range(skip * batch_size, n - batch_size + 1, batch_size):
+        yield order[start + rank * local:start + (rank + 1) * local]
 
 
-def to_device(batch: torch.Tensor, device: torch.device, hflip: bool) -> torch.Tensor:
-    """A uint8 batch as floats in [-1, 1] on `device`, each image flipped left-right with
-    probability 1/2 when `hflip`. On CUDA the batch goes through pinned memory and is copied
-    without blocking, and the conversion and flips run on the GPU."""
+def to_device(batch: torch.Tensor, device: torch.device,
+              flip: torch.Tensor | None = None) -> torch.Tensor:
+    """A uint8 batch as floats in [-1, 1] on `device`, the images where the boolean mask
+    `flip` (B,) is true flipped left-right. On CUDA the batch goes through pinned memory and is
+    copied without blocking, and the conversion and flips run on the GPU."""
     if device.type == "cuda":
         batch = batch.pin_memory()
     x = to_model_range(batch.to(device, non_blocking=True))  # (B, C, H, W)
-    if hflip:
-        flip = torch.rand(x.shape[0], 1, 1, 1, device=device) < 0.5
-        x = torch.where(flip, x.flip(-1), x)
+    if flip is not None:
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     return x
 
 
@@ -152,16 +159,59 @@ def find_images(folder: Path) -> list[Path]:
                   and p.is_file())
 
 
-def _read_annotations(mat_path: Path) -> list[str]:
-    """File names listed in a Stanford Cars devkit annotation file."""
+def _read_annotations(mat_path: Path) -> tuple[list[str], list[int]]:
+    """File names and their classes (1-based) listed in a Stanford Cars devkit annotation file;
+    classes are 0 where the file has none."""
     from scipy.io import loadmat
 
     try:
         annotations = loadmat(str(mat_path), squeeze_me=True)["annotations"]
-        return [str(name) for name in np.atleast_1d(annotations["fname"])]
+        names = [str(name) for name in np.atleast_1d(annotations["fname"])]
+        fields = annotations.dtype.names or ()
+        classes = ([int(c) for c in np.atleast_1d(annotations["class"])] if "class" in fields
+                   else [0] * len(names))
+        return names, classes
     except Exception as e:  # scipy raises several kinds on a damaged file
         raise DatasetError(f"could not read the annotation file {mat_path}: {e}. "
                            "Download it again.") from e
+
+
+def stanford_cars_labels(root: Path, paths: list[Path]) -> tuple[list[int], list[str]] | None:
+    """The class (0..195) of each image and the class names ("Acura Integra Type R 2001"),
+    from the devkit's annotation files and devkit/cars_meta.mat; None without them (the Kaggle
+    mirrors' layouts)."""
+    base = root / "stanford_cars"
+    by_path = {}
+    for split, mat in (("train", base / "devkit" / "cars_train_annos.mat"),
+                       ("test", base / "cars_test_annos_withlabels.mat")):
+        if mat.exists():
+            for name, c in zip(*_read_annotations(mat)):
+                by_path[base / f"cars_{split}" / name] = c - 1
+    labels = [by_path.get(p, -1) for p in paths]
+    if not paths or min(labels) < 0:
+        return None
+    meta = base / "devkit" / "cars_meta.mat"
+    n = max(labels) + 1
+    classes = [f"class {i + 1}" for i in range(n)]
+    if meta.exists():
+        from scipy.io import loadmat
+        names = [str(c) for c in np.atleast_1d(loadmat(str(meta), squeeze_me=True)["class_names"])]
+        classes = names + classes[len(names):]
+    return labels, classes
+
+
+def folder_labels(root: Path, paths: list[Path]) -> tuple[list[int], list[str]] | None:
+    """Labels from the first sub-folder under `root` (root/<class>/.../image.png, as
+    torchvision's ImageFolder reads them); None if an image lies in root itself or there is
+    only one sub-folder."""
+    tops = [p.relative_to(root).parts for p in paths]
+    if any(len(parts) < 2 for parts in tops):
+        return None
+    classes = sorted({parts[0] for parts in tops})
+    if len(classes) < 2:
+        return None
+    index = {c: i for i, c in enumerate(classes)}
+    return [index[parts[0]] for parts in tops], classes
 
 
 def stanford_cars_files(root: Path, split: str = "all") -> list[Path]:
@@ -185,7 +235,7 @@ def stanford_cars_files(root: Path, split: str = "all") -> list[Path]:
                 raise DatasetError(f"missing {annotation[s]} for the {s} split.\n"
                                    + CARS_HELP.format(root=root))
             folder = base / f"cars_{s}"
-            names = _read_annotations(annotation[s])
+            names, _ = _read_annotations(annotation[s])
             missing = [n for n in names if not (folder / n).is_file()]
             if missing:
                 raise DatasetError(f"{len(missing)} of {len(names)} images listed in "
@@ -216,7 +266,7 @@ def mnist_5k(image_size: int = 28, split: str = "all") -> TensorImages:
         x = F.interpolate(x.float(), size=(image_size, image_size), mode="bilinear",
                           antialias=True, align_corners=False)
         x = x.round().clamp(0, 255).to(torch.uint8)
-    return TensorImages(x)
+    return TensorImages(x, torch.from_numpy(labels[keep]), [str(d) for d in range(10)])
 
 
 def mnist_5k_split(labels: np.ndarray, split: str) -> np.ndarray:
@@ -262,6 +312,7 @@ def make_dataset(cfg: DataConfig, image_size: int, channels: int,
         return mnist_5k(image_size, cfg.split)
     if cfg.dataset == "cars":
         paths = stanford_cars_files(root, cfg.split)
+        labelled = stanford_cars_labels(root, paths)
     elif cfg.dataset == "folder":
         if not root.is_dir():
             raise DatasetError(f"image folder {root} does not exist; set root to a folder "
@@ -269,7 +320,10 @@ def make_dataset(cfg: DataConfig, image_size: int, channels: int,
         paths = find_images(root)
         if not paths:
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
+        labelled = folder_labels(root, paths)
     else:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; use 'mnist', 'cars' or 'folder'")
-    return TensorImages(cached_images(paths, image_size, channels, cfg.cache_dir,
-                                      cfg.num_workers, progress))
+    images = cached_images(paths, image_size, channels, cfg.cache_dir, cfg.num_workers, progress)
+    if labelled is None:
+        return TensorImages(images)
+    return TensorImages(images, torch.tensor(labelled[0]), labelled[1])

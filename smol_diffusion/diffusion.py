@@ -71,7 +71,9 @@ def denoise(model: nn.Module, schedule: NoiseSchedule, xt: torch.Tensor, i: torc
 
 
 def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
-                min_snr_gamma: float | None = None, prediction: str = "eps") -> torch.Tensor:
+                min_snr_gamma: float | None = None, prediction: str = "eps",
+                t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                y: torch.Tensor | None = None) -> torch.Tensor:
     """L_simple (Ho et al. Eq. 14): || target - net(x_t, t) ||^2 with t ~ U{0..T-1}, where the
     target is eps (Ho et al.'s choice), x0 or v (`target`).
 
@@ -79,12 +81,17 @@ def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     target (Hang et al. 2023, Sec. 3.4), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the weight
     on the x0 error is min(SNR_t, gamma), which is min(SNR_t, gamma) / SNR_t on the eps error
     and min(SNR_t, gamma) / (SNR_t + 1) on the v error; the nearly clean timesteps count less.
+
+    t and noise are drawn here unless given; `y` (B,) are class labels for a conditional model.
     """
-    t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)  # (B,)
-    noise = torch.randn_like(x0)
+    if t is None:
+        t = torch.randint(0, schedule.T, (x0.shape[0],), device=x0.device)  # (B,)
+    if noise is None:
+        noise = torch.randn_like(x0)
     ab = extract(schedule.alpha_bar, t, x0.shape)
     goal = target(x0, noise, ab.sqrt(), (1 - ab).sqrt(), prediction)
-    out = model(q_sample(schedule, x0, t, noise), t)
+    xt = q_sample(schedule, x0, t, noise)
+    out = model(xt, t) if y is None else model(xt, t, y)
     if min_snr_gamma is None:
         return F.mse_loss(out.float(), goal)
     snr = (ab / (1 - ab)).flatten()  # (B,)

@@ -29,7 +29,7 @@ from .metrics import frechet_distance, gaussian_stats, kid, recognisability
 from .samplers import SAMPLERS
 from .schedule import SPACINGS
 
-SAMPLE_METRICS = ("fid", "kid", "recognisable")
+SAMPLE_METRICS = ("fid", "kid", "recognisable", "class_match")
 METRICS = SAMPLE_METRICS + ("bpd",)
 KID_REFERENCE_MAX = 10_000  # real features kept in the cache for KID
 
@@ -112,18 +112,28 @@ def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "
     return stats
 
 
+def requested_labels(n: int, num_classes: int) -> torch.Tensor:
+    """The classes asked for when a conditional model is scored: 0, 1, ..., K-1, 0, 1, ..."""
+    return torch.arange(n) % num_classes
+
+
 def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: bool,
                     sampler: str, steps: int, spacing: str, batch_size: int, seed: int,
-                    progress: bool) -> tuple[np.ndarray, np.ndarray | None, float]:
+                    progress: bool, guidance: float | None = None
+                    ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Features (and class probabilities) of n samples, drawn and embedded batch by batch, and
-    the seconds spent sampling."""
+    the seconds spent sampling. With `guidance`, a conditional model is asked for the classes
+    in turn (`requested_labels`) at that guidance scale."""
     gen = torch.Generator().manual_seed(seed)
     feats, probs, seconds = [], [], 0.0
+    labels = requested_labels(n, ckpt.config.model.num_classes) if guidance is not None else None
     for i in tqdm(range(0, n, batch_size), desc=f"sampling {n}", disable=not progress,
                   leave=False):
         t0 = time.perf_counter()
+        extra = {} if labels is None else {"labels": labels[i:i + batch_size],
+                                           "guidance": guidance}
         x = ckpt.sample(min(batch_size, n - i), sampler=sampler, steps=steps,
-                        spacing=spacing, generator=gen)
+                        spacing=spacing, generator=gen, **extra)
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
@@ -133,12 +143,22 @@ def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: 
     return np.concatenate(feats), np.concatenate(probs) if want_probs else None, seconds
 
 
+def default_metrics(cfg: Config, extractor: str | Extractor | None,
+                    guidance: float | None = None) -> tuple[str, ...]:
+    """All the metrics that apply: recognisable and class_match need the digit classifier,
+    class_match also a guidance scale."""
+    name = extractor.name if isinstance(extractor, Extractor) else extractor
+    if (name or _default_extractor(cfg)) != "digits":
+        return ("fid", "kid", "bpd")
+    return tuple(m for m in METRICS if m != "class_match" or guidance is not None)
+
+
 def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None = None,
              extractor: str | Extractor | None = None, sampler: str | None = None,
              steps: int | None = None, spacing: str | None = None, real: bool = False,
              bpd_n: int = 500, batch_size: int = 250, seed: int = 0,
              cache_dir: str | Path = "data/cache", inception_weights: str | Path | None = None,
-             progress: bool = True) -> list[dict]:
+             guidance: float | None = None, progress: bool = True) -> list[dict]:
     """Score a checkpoint's EMA model on `metrics` (default: all that apply); returns one row
     per metric:
     {"metric", "value", "std" (KID), "n", "extractor", "sampler", "steps", "seconds",
@@ -152,11 +172,14 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     which the reference statistics also hold). bpd is the variational bound on bpd_n held-out
     images (the test split, when the model trained on the train split), with the checkpoint's
     reverse variance.
+
+    With `guidance`, a class-conditional model draws its samples asking for each class in turn
+    at that classifier-free guidance scale (without, it samples unconditionally), and
+    class_match is the share of samples the digit classifier assigns to the class asked for.
     """
-    if metrics is None:  # all that apply: recognisability needs the digit classifier
-        name = extractor.name if isinstance(extractor, Extractor) else extractor
-        digits = (name or _default_extractor(ckpt.config)) == "digits"
-        metrics = METRICS if digits else ("fid", "kid", "bpd")
+    if guidance is not None and not ckpt.config.model.num_classes:
+        raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
+    metrics = metrics or default_metrics(ckpt.config, extractor, guidance)
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
@@ -170,8 +193,11 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
         t0 = time.time()
         if not isinstance(extractor, Extractor):
             extractor = get_extractor(extractor, cfg, cache_dir, inception_weights, device)
-        if "recognisable" in metrics and extractor.name != "digits":
-            raise ValueError("recognisable needs the digits extractor")
+        if {"recognisable", "class_match"} & set(metrics) and extractor.name != "digits":
+            raise ValueError("recognisable and class_match need the digits extractor")
+        if "class_match" in metrics and (guidance is None or real):
+            raise ValueError("class_match scores samples drawn with guidance: give guidance")
+        want_probs = bool({"recognisable", "class_match"} & set(metrics))
         ref = reference_stats(cfg, extractor, cache_dir, progress=progress)
         if real:  # held-out images where there are enough, else training images
             split = _held_out_split(cfg)
@@ -180,17 +206,16 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
                 split, data = cfg.data.split, _dataset(cfg)
             x = _real_images(data, n, seed)
             feats = extractor.features(x)
-            probs = extractor.probs(x) if "recognisable" in metrics else None
+            probs = extractor.probs(x) if want_probs else None
             n, source, n_steps, sampling = len(x), f"real ({split} split)", None, 0.0
         else:
-            feats, probs, sampling = _sample_batches(ckpt, n, extractor,
-                                                     "recognisable" in metrics,
-                                           sampler, steps, spacing, batch_size, seed,
-                                           progress)
+            feats, probs, sampling = _sample_batches(ckpt, n, extractor, want_probs, sampler,
+                                                     steps, spacing, batch_size, seed, progress,
+                                                     guidance)
             source, n_steps = sampler, steps
         shared = time.time() - t0  # extractor, reference statistics, samples, features
         base = {"n": n, "extractor": extractor.name, "sampler": source, "steps": n_steps,
-                "sampling_seconds": round(sampling, 3)}
+                "guidance": guidance, "sampling_seconds": round(sampling, 3)}
         for metric in [m for m in SAMPLE_METRICS if m in metrics]:
             t2 = time.time()
             if metric == "fid":
@@ -198,8 +223,11 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
             elif metric == "kid":
                 mean, std = kid(feats, ref["features"], seed=seed)
                 row = {"value": mean, "std": std}
-            else:
+            elif metric == "recognisable":
                 row = recognisability(probs)
+            else:
+                asked = requested_labels(n, cfg.model.num_classes).numpy()
+                row = {"value": float((probs.argmax(axis=1) == asked).mean())}
             rows.append({"metric": metric, **row, **base,
                          "seconds": round(shared + time.time() - t2, 2)})
     if "bpd" in metrics and not real:
@@ -221,13 +249,17 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
 def format_table(rows: list[dict]) -> str:
     """The rows as an aligned text table."""
     lines = [f"{'metric':<13}{'value':>18}{'n':>7}  {'extractor':<10}{'sampler':<22}"
-             f"{'steps':>6}{'seconds':>9}"]
+             f"{'steps':>6}{'guidance':>9}{'seconds':>9}"]
     for r in rows:
         value = f"{r['value']:.4g}" + (f" ± {r['std']:.2g}" if "std" in r else "")
         if r["metric"] == "recognisable":
             value = f"{r['value']:.1%} ({r['classes']}/10)"
+        elif r["metric"] == "class_match":
+            value = f"{r['value']:.1%}"
         lines.append(f"{r['metric']:<13}{value:>18}{r['n']:>7}  {str(r['extractor']):<10}"
-                     f"{str(r['sampler']):<22}{str(r['steps']):>6}{r['seconds']:>9.1f}")
+                     f"{str(r['sampler']):<22}{str(r['steps']):>6}"
+                     f"{'' if r.get('guidance') is None else r['guidance']:>9}"
+                     f"{r['seconds']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -253,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bpd-n", type=int, default=500, help="held-out images for bits/dim")
     parser.add_argument("--real", action="store_true",
                         help="score n real training images instead of samples (the floor)")
+    parser.add_argument("--guidance", default=None,
+                        help="conditional models: comma-separated guidance scales, e.g. 1,2,4; "
+                             "each class is asked for in turn, and class_match scored")
     parser.add_argument("--batch", type=int, default=250, help="images per network call")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default="data/cache")
@@ -263,12 +298,16 @@ def main(argv: list[str] | None = None) -> None:
     try:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
         metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
-        rows = evaluate(ckpt, args.n, metrics=metrics,
-                        extractor=args.extractor, sampler=args.sampler, steps=args.steps,
-                        spacing=args.spacing,
-                        real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
-                        seed=args.seed, cache_dir=args.cache_dir,
-                        inception_weights=args.inception_weights)
+        scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
+        rows = []
+        for j, g in enumerate(scales):  # bits/dim does not depend on the guidance: once
+            wanted = metrics or default_metrics(ckpt.config, args.extractor, g)
+            rows += evaluate(
+                ckpt, args.n, metrics=tuple(m for m in wanted if m != "bpd" or j == 0),
+                extractor=args.extractor, sampler=args.sampler, steps=args.steps,
+                spacing=args.spacing, real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
+                seed=args.seed, cache_dir=args.cache_dir,
+                inception_weights=args.inception_weights, guidance=g)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
         raise SystemExit(f"error: {e}") from None
     print(format_table(rows))

@@ -15,6 +15,24 @@ from .schedule import SPACINGS
 from .viz import save_grid
 
 
+def parse_labels(text: str, classes: list[str] | None, n: int) -> torch.Tensor:
+    """n labels from "7" or "0,1,2" or class names ("BMW M3 Coupe 2012"), repeated in turn."""
+    if not classes:
+        raise ValueError("--labels needs a class-conditional checkpoint (trained with "
+                         "num_classes > 0); this one is unconditional")
+    index = {name.lower(): i for i, name in enumerate(classes)}
+    wanted = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if token.lower() in index:
+            wanted.append(index[token.lower()])
+        elif token.lstrip("-").isdigit():
+            wanted.append(int(token))
+        else:
+            raise ValueError(f"no class named {token!r}; classes are indices 0..{len(classes) - 1}"
+                             f" or names such as {', '.join(classes[:3])}")
+    return torch.tensor(wanted).repeat(n // len(wanted) + 1)[:n]
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(prog="python -m smol_diffusion.sample",
@@ -30,6 +48,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--spacing", default=None, choices=SPACINGS,
                         help="default: the checkpoint's")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise (0: deterministic)")
+    parser.add_argument("--labels", default=None,
+                        help="conditional models: class indices or names, comma-separated, "
+                             "repeated over the n images (--labels 7: all sevens)")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale (0: unconditional, 1: conditional)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256, help="images per network call")
     parser.add_argument("--device", default="auto")
@@ -44,9 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     options = {k: v for k, v in [("sampler", args.sampler), ("spacing", args.spacing),
                                  ("eta", args.eta)] if v}
+    if args.guidance != 1.0:
+        options["guidance"] = args.guidance
     try:
+        labels = parse_labels(args.labels, ckpt.classes, args.n) if args.labels else None
         images = torch.cat([ckpt.sample(min(args.batch, args.n - i), generator=gen,
-                                        steps=args.steps, **options)
+                                        steps=args.steps, **options,
+                                        **({} if labels is None else
+                                           {"labels": labels[i:i + args.batch]}))
                             for i in range(0, args.n, args.batch)])
     except ValueError as e:  # e.g. eta with a sampler other than DDIM
         raise SystemExit(f"error: {e}") from None

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import math
@@ -12,15 +13,17 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkpoint,
                          save_checkpoint)
 from .config import PRESETS, Config, all_fields, get_preset
-from .data import batches, make_dataset, to_device
+from .data import batch_indices, make_dataset, to_device
 from .diffusion import simple_loss
 from .evaluate import SAMPLE_METRICS, evaluate
-from .hardware import autocast, compile_model, pick_device, use_bf16
+from .hardware import autocast, compile_model, distributed_env, pick_device, use_bf16
 from .schedule import NoiseSchedule
 from .unet import UNet
 from .viz import display_inline, save_grid
@@ -48,28 +51,60 @@ def train(cfg: Config, progress: bool = True) -> dict:
     Writes `out_dir/ckpt.pt` (atomically) every `checkpoint_every` steps and at the end, and a
     sample grid from the EMA model to `out_dir/samples_<step>.png` every `sample_every` steps
     and at the end (shown inline in a notebook). Resumes from `cfg.train.resume` if set.
+
+    Under torchrun (several processes) this is distributed data-parallel training: each
+    process takes its share of every global batch of `batch_size` images, gradients are averaged
+    (NCCL on CUDA, gloo on CPU), and only rank 0 writes files. The noise, timesteps, flips and
+    dropped labels of each step are drawn for the whole global batch from a generator seeded by
+    (seed, step), so a run gives the same result on any number of processes and resumes on
+    another number exactly where it stopped.
     """
     tc, mc = cfg.train, cfg.model
     if tc.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {tc.lr_schedule!r}")
+    rank, world, local_rank = distributed_env()
+    if tc.batch_size % (world * tc.grad_accum):
+        raise ValueError(f"batch_size {tc.batch_size} does not split into {world} processes x "
+                         f"{tc.grad_accum} accumulation steps; make it a multiple of "
+                         f"{world * tc.grad_accum}")
+    local, micro = tc.batch_size // world, tc.batch_size // world // tc.grad_accum
     device = pick_device(tc.device)
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     bf16 = use_bf16(tc.precision, device)
-    torch.manual_seed(tc.seed)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    images = make_dataset(cfg.data, mc.image_size, mc.in_channels, progress).images
+    if rank > 0:
+        dist.barrier()  # rank 0 builds the image cache first
+    dataset = make_dataset(cfg.data, mc.image_size, mc.in_channels, progress and rank == 0)
+    if rank == 0 and world > 1:
+        dist.barrier()
+    images, labels = dataset.images, dataset.labels
     if len(images) < tc.batch_size:
         raise ValueError(f"the dataset has {len(images)} images, fewer than one batch of "
                          f"{tc.batch_size}; lower batch_size")
+    if mc.num_classes and (labels is None or len(dataset.classes) != mc.num_classes):
+        found = "no labels" if labels is None else f"{len(dataset.classes)} classes"
+        raise ValueError(f"num_classes={mc.num_classes}, but the dataset has {found}; set "
+                         f"num_classes to {0 if labels is None else len(dataset.classes)}"
+                         + (" (0: unconditional)" if labels is not None else
+                            " or use a dataset with labels (see data/README.md)"))
     steps_per_epoch = len(images) // tc.batch_size
     schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T,
                                        cfg.diffusion.zero_terminal_snr)
+    torch.manual_seed(tc.seed)  # the same initial weights on every process
     fmt = torch.channels_last if tc.channels_last else torch.contiguous_format
     model = UNet(mc).to(device, memory_format=fmt)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    net = compile_model(model, tc.compile)  # the training forward; `model` holds the weights
+    ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else model
+    net = compile_model(ddp, tc.compile)  # the training forward; `model` holds the weights
     # one fused kernel for the whole update where PyTorch has it (CUDA, CPU), else foreach
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
@@ -82,62 +117,79 @@ def train(cfg: Config, progress: bool = True) -> dict:
         load_weights(ema, state["ema"], tc.resume)
         opt.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), history | state.get("history", {})
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
+    torch.manual_seed(tc.seed + 1_000_003 * (rank + 1) + step)  # dropout: per process
 
     out_dir = Path(tc.out_dir)
     params, ema_params = list(model.parameters()), list(ema.parameters())
+    classes = dataset.classes if mc.num_classes else None
 
     def write_samples() -> None:
-        x = Checkpoint(ema, schedule, cfg, step, history).sample(
-            tc.sample_n, generator=torch.Generator().manual_seed(tc.seed), bf16=bf16)
+        ckpt = Checkpoint(ema, schedule, cfg, step, history, classes)
+        x = ckpt.sample(tc.sample_n, generator=torch.Generator().manual_seed(tc.seed),
+                        bf16=bf16, labels=_grid_labels(tc.sample_n, mc.num_classes))
         display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png"))
 
     def run_eval() -> dict:
-        rows = evaluate(Checkpoint(ema, schedule, cfg, step, history), tc.eval_n,
-                        metrics=SAMPLE_METRICS if cfg.data.dataset == "mnist" else ("fid", "kid"),
+        rows = evaluate(Checkpoint(ema, schedule, cfg, step, history, classes), tc.eval_n,
+                        metrics=(SAMPLE_METRICS[:3] if cfg.data.dataset == "mnist"
+                                 else ("fid", "kid")),
                         seed=tc.seed, progress=False)
         return {"step": step} | {r["metric"]: r["value"] for r in rows}
 
     def write_checkpoint() -> None:
-        rng = {"torch": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state()
         save_checkpoint(out_dir / "ckpt.pt", {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "config": dataclasses.asdict(cfg), "rng": rng, "history": history})
+            "step": step, "config": dataclasses.asdict(cfg), "history": history,
+            "classes": classes})
 
     model.train()
     # Resume mid-epoch: the same order as an uninterrupted run, minus the batches already seen.
     epoch, skip = divmod(step, steps_per_epoch)
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress, desc="train")
+    mine = slice(rank * local, (rank + 1) * local)  # this process's share of a global batch
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress or rank > 0, desc="train")
     loss_sum, n_sum, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
     while step < tc.steps:
-        for batch in batches(images, tc.batch_size, tc.seed, epoch, skip):
-            x0 = to_device(batch, device, cfg.data.hflip)  # (B, C, H, W) in [-1, 1]
-            x0 = x0.contiguous(memory_format=fmt)
+        for idx in batch_indices(len(images), tc.batch_size, tc.seed, epoch, skip, rank, world):
             # 1. learning rate
             lr = lr_at(step, tc)
             for group in opt.param_groups:
                 group["lr"] = lr
-            # 2. forward / backward
-            with autocast(device, bf16):
-                loss = simple_loss(net, schedule, x0, cfg.diffusion.min_snr_gamma,
-                                   cfg.diffusion.prediction)
+            # 2. this step's randomness, drawn for the global batch, and this process's data
+            t, noise, u = step_randomness(tc.seed, step, (tc.batch_size, *images.shape[1:]),
+                                          schedule.T, device)
+            t, noise, u = t[mine], noise[mine], u[mine]
+            x0 = to_device(images[idx], device, u[:, 0] < 0.5 if cfg.data.hflip else None)
+            x0 = x0.contiguous(memory_format=fmt)  # (B_local, C, H, W) in [-1, 1]
+            y = None
+            if mc.num_classes:  # classifier-free guidance: some labels become "no label"
+                y = torch.where(u[:, 1] < tc.label_dropout, mc.num_classes,
+                                labels[idx].to(device, non_blocking=True))
+            # 3. forward / backward, in `grad_accum` micro-batches; DDP averages at the last
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            # 3. clip, 4. step
+            for k in range(tc.grad_accum):
+                part = slice(k * micro, (k + 1) * micro)
+                sync = contextlib.nullcontext() if world == 1 or k == tc.grad_accum - 1 \
+                    else ddp.no_sync()
+                with sync:
+                    with autocast(device, bf16):
+                        loss = simple_loss(net, schedule, x0[part], cfg.diffusion.min_snr_gamma,
+                                           cfg.diffusion.prediction, t=t[part],
+                                           noise=noise[part], y=None if y is None else y[part])
+                    (loss / tc.grad_accum).backward()
+                loss_sum += loss.detach() / tc.grad_accum
+            # 4. clip, step
             torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             opt.step()
-            # 5. EMA: ema <- ema + (1 - decay) (params - ema)
+            # 5. EMA: ema <- ema + (1 - decay) (params - ema); the same on every process
             torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(step, tc.ema_decay))
             step += 1
-            loss_sum += loss.detach()
             n_sum += 1
             bar.update(1)
             # 6. log: the only place the loss is read back from the device
             if step % tc.log_every == 0 or step == tc.steps:
+                if world > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= world
                 now = time.time()
                 rate = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
                 history["step"].append(step)
@@ -147,23 +199,44 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", img_s=f"{rate:.0f}")
                 loss_sum.zero_()
                 n_sum, t_last, step_last = 0, now, step
-            # 7. sample and evaluate, 8. checkpoint
-            if tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            # 7. sample and evaluate, 8. checkpoint: rank 0 only
+            if rank == 0 and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
                 write_samples()
-            if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
+            if rank == 0 and tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 history["eval"].append(run_eval())
                 bar.set_postfix(loss=f"{history['loss'][-1]:.4f}",
                                 fid=f"{history['eval'][-1]['fid']:.3g}")
-            if tc.checkpoint_every and step % tc.checkpoint_every == 0 and step < tc.steps:
+            if (rank == 0 and tc.checkpoint_every and step % tc.checkpoint_every == 0
+                    and step < tc.steps):
                 write_checkpoint()
             if step >= tc.steps:
                 break
         epoch, skip = epoch + 1, 0
     bar.close()
-    write_checkpoint()
-    if tc.sample_n:
-        write_samples()
+    if rank == 0:
+        write_checkpoint()
+        if tc.sample_n:
+            write_samples()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
     return history
+
+
+def step_randomness(seed: int, step: int, shape: tuple[int, ...], T: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of one training step for a global batch of `shape` (B, C, H, W), from a
+    generator seeded by (seed, step): timesteps t (B,), noise like the images, and uniforms
+    (B, 2) for the flips and the label dropout."""
+    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    t = torch.randint(0, T, shape[:1], generator=g, device=device)
+    noise = torch.randn(shape, generator=g, device=device)
+    return t, noise, torch.rand(shape[0], 2, generator=g, device=device)
+
+
+def _grid_labels(n: int, num_classes: int) -> torch.Tensor | None:
+    """Labels for a sample grid of a conditional model: the classes in turn, 0, 1, 2, ..."""
+    return torch.arange(n) % num_classes if num_classes else None
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -208,8 +281,9 @@ def main(argv: list[str] | None = None) -> None:
         history = train(cfg)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
         raise SystemExit(f"error: {e}") from None
-    print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f}s, final loss "
-          f"{history['loss'][-1]:.4f}; checkpoint and samples in {cfg.train.out_dir}/")
+    if distributed_env()[0] == 0:
+        print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f}s, final loss "
+              f"{history['loss'][-1]:.4f}; checkpoint and samples in {cfg.train.out_dir}/")
 
 
 if __name__ == "__main__":

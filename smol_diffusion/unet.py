@@ -81,9 +81,12 @@ class Attention(nn.Module):
 class UNet(nn.Module):
     """eps_theta(x_t, t): predicts the noise in x_t (Ho et al. 2020, Eq. 11-12).
 
-    `forward(x, t)` takes images (B, C, H, W) and a LongTensor t of shape (B,) and returns a
-    tensor shaped like x. Any H and W divisible by 2^(levels-1) work; attention sits at the
-    levels whose resolution is in `cfg.attn_resolutions` when the input is `cfg.image_size`.
+    `forward(x, t, y=None)` takes images (B, C, H, W), a LongTensor t of shape (B,) and, for a
+    class-conditional model (`cfg.num_classes` > 0), labels y (B,) in [0, num_classes], where
+    num_classes itself (or y=None) means "no label" (classifier-free guidance, Ho & Salimans
+    2022); it returns a tensor shaped like x. Any H and W divisible by 2^(levels-1) work;
+    attention sits at the levels whose resolution is in `cfg.attn_resolutions` when the input
+    is `cfg.image_size`.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -98,6 +101,8 @@ class UNet(nn.Module):
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
+        if cfg.num_classes:  # one row per class and a last one for "no label"
+            self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
         self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
 
         def block(i: int, o: int, level: int) -> nn.ModuleList:
@@ -133,8 +138,9 @@ class UNet(nn.Module):
         self.conv_out = zero_init(nn.Conv2d(cur, cfg.out_channels, 3, padding=1))
         self.min_divisor = 2 ** (levels - 1)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Predict eps for images x (B, C, H, W) at timesteps t (B,)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
+        """Predict eps for images x (B, C, H, W) at timesteps t (B,), given labels y (B,)."""
         B, C, H, W = x.shape
         if H % self.min_divisor or W % self.min_divisor:
             raise ValueError(f"image size {H}x{W} is not divisible by {self.min_divisor}; "
@@ -142,6 +148,12 @@ class UNet(nn.Module):
         if C != self.cfg.in_channels:
             raise ValueError(f"the model takes {self.cfg.in_channels} channels, got {C}")
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels))  # (B, 4ch)
+        if self.cfg.num_classes:
+            if y is None:
+                y = torch.full_like(t, self.cfg.num_classes)
+            emb = emb + self.label_emb(y)  # the class embedding added to the time embedding
+        elif y is not None:
+            raise ValueError("this model is unconditional (num_classes=0); it takes no labels")
         h = self.conv_in(x)
         hs = [h]
         for layers in self.down:

@@ -1,7 +1,10 @@
-"""Shared fixtures: a tiny configuration that trains in seconds on two CPU cores, and the exact
-denoiser of Gaussian data."""
+"""Shared fixtures: a tiny configuration that trains in seconds on two CPU cores, the exact
+denoiser of Gaussian data, and a Stanford Cars folder in torchvision's layout."""
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from scipy.io import savemat
 from torch import nn
 
 from smol_diffusion import NoiseSchedule, get_preset
@@ -40,3 +43,29 @@ class GaussianDenoiser(nn.Module):
         alpha, sigma, var = ab.sqrt(), (1 - ab).sqrt(), ab * self.sigma_d**2 + 1 - ab
         eps, x0 = sigma * x / var, alpha * self.sigma_d**2 * x / var
         return target(x0, eps, alpha, sigma, self.prediction)
+
+
+def write_image(path, size=(40, 30), color=(200, 30, 30)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, color).save(path)
+
+
+def write_annotations(path, names):
+    dtype = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
+             ("class", "O"), ("fname", "O")]
+    rec = np.array([(1, 1, 10, 10, 1 + i % 2, n) for i, n in enumerate(names)], dtype=dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    savemat(str(path), {"annotations": rec.reshape(1, -1)})
+
+
+@pytest.fixture
+def torchvision_layout(tmp_path):
+    base = tmp_path / "stanford_cars"
+    train = ["00001.jpg", "00002.jpg", "00003.jpg"]
+    for split, names in (("train", train), ("test", ["00001.jpg"])):
+        for n in names:
+            write_image(base / f"cars_{split}" / n)
+    write_annotations(base / "devkit" / "cars_train_annos.mat", train)
+    write_annotations(base / "cars_test_annos_withlabels.mat", ["00001.jpg"])
+    write_image(base / "cars_train" / "stray.jpg")  # not in the annotations: ignored
+    return tmp_path

@@ -3,46 +3,20 @@ the errors for bad input."""
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.io import savemat
 
+from conftest import write_image
 from smol_diffusion import DataConfig
-from smol_diffusion.data import (DatasetError, batches, cached_images, find_images, make_dataset,
-                                 mnist_5k, mnist_5k_arrays, stanford_cars_files, to_device)
+from smol_diffusion.data import (DatasetError, batch_indices, cached_images, find_images,
+                                 make_dataset, mnist_5k, mnist_5k_arrays, stanford_cars_files,
+                                 to_device)
 
 
 def data_cfg(tmp_path, **kw):
     """A DataConfig whose image cache lives in the test's own folder."""
     return DataConfig(cache_dir=str(tmp_path / "cache"), **kw)
-
-
-def write_image(path, size=(40, 30), color=(200, 30, 30)):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-
-
-def write_annotations(path, names):
-    dtype = [("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
-             ("class", "O"), ("fname", "O")]
-    rec = np.array([(1, 1, 10, 10, 1, n) for n in names], dtype=dtype)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    savemat(str(path), {"annotations": rec.reshape(1, -1)})
-
-
-@pytest.fixture
-def torchvision_layout(tmp_path):
-    base = tmp_path / "stanford_cars"
-    train = ["00001.jpg", "00002.jpg", "00003.jpg"]
-    for split, names in (("train", train), ("test", ["00001.jpg"])):
-        for n in names:
-            write_image(base / f"cars_{split}" / n)
-    write_annotations(base / "devkit" / "cars_train_annos.mat", train)
-    write_annotations(base / "cars_test_annos_withlabels.mat", ["00001.jpg"])
-    write_image(base / "cars_train" / "stray.jpg")  # not in the annotations: ignored
-    return tmp_path
 
 
 def test_torchvision_layout(torchvision_layout):
@@ -82,26 +56,28 @@ def test_image_folder_recursive_crop_and_flip(tmp_path):
     assert gray.shape == (1, 8, 8)
 
 
-def test_flips_are_random_horizontal_and_on_the_device():
-    batch = torch.zeros(64, 1, 8, 8, dtype=torch.uint8)
+def test_flips_follow_the_mask_horizontally_on_the_device():
+    batch = torch.zeros(6, 1, 8, 8, dtype=torch.uint8)
     batch[..., :4] = 255  # left half white
-    torch.manual_seed(0)
-    x = to_device(batch, torch.device("cpu"), hflip=True)
+    flip = torch.tensor([True, False, True, False, False, True])
+    x = to_device(batch, torch.device("cpu"), flip)
     assert x.dtype == torch.float32 and x.shape == batch.shape
     lefts = x[:, 0, :, :4].mean(dim=(1, 2))
-    assert set(lefts.tolist()) == {1.0, -1.0} and 16 < int((lefts < 0).sum()) < 48
-    flipped = lefts < 0
-    assert (x[flipped] == x[~flipped][0].flip(-1)).all()  # a mirror image, nothing else
-    assert (to_device(batch, torch.device("cpu"), hflip=False)[:, 0, :, :4] == 1).all()
+    assert lefts.tolist() == [-1, 1, -1, 1, 1, -1]
+    assert (x[flip] == x[~flip][0].flip(-1)).all()  # a mirror image, nothing else
+    assert (to_device(batch, torch.device("cpu"))[:, 0, :, :4] == 1).all()
 
 
 def test_batches_cover_each_epoch_once_in_a_seeded_order():
-    images = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1)
-    epoch0 = [b.flatten().tolist() for b in batches(images, 3, seed=1, epoch=0)]
+    epoch0 = [b.tolist() for b in batch_indices(10, 3, seed=1, epoch=0)]
     assert len(epoch0) == 3 and len({v for b in epoch0 for v in b}) == 9  # last 1 dropped
-    assert epoch0 == [b.flatten().tolist() for b in batches(images, 3, seed=1, epoch=0)]
-    assert epoch0 != [b.flatten().tolist() for b in batches(images, 3, seed=1, epoch=1)]
-    assert epoch0[1:] == [b.flatten().tolist() for b in batches(images, 3, 1, 0, skip=1)]
+    assert epoch0 == [b.tolist() for b in batch_indices(10, 3, seed=1, epoch=0)]
+    assert epoch0 != [b.tolist() for b in batch_indices(10, 3, seed=1, epoch=1)]
+    assert epoch0[1:] == [b.tolist() for b in batch_indices(10, 3, 1, 0, skip=1)]
+    # two ranks: each gets half of every global batch, together the single-process batch
+    one = [b.tolist() for b in batch_indices(20, 4, 1, 0)]
+    ranks = [[b.tolist() for b in batch_indices(20, 4, 1, 0, rank=r, world=2)] for r in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == one
 
 
 def test_image_cache_is_built_once_and_keyed_by_files_and_size(tmp_path, monkeypatch):

@@ -1,0 +1,140 @@
+"""Class-conditional models and classifier-free guidance (Ho & Salimans 2022): the guided
+output's limits, label errors, the labels of each dataset, and conditional training."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.io import savemat
+from torch import nn
+
+import smol_diffusion
+from smol_diffusion import DataConfig, ModelConfig, NoiseSchedule, UNet, sample
+from smol_diffusion.data import make_dataset
+from smol_diffusion.evaluate import evaluate
+from smol_diffusion.features import Extractor
+from smol_diffusion.sample import parse_labels
+from smol_diffusion.samplers import guided
+
+
+def conditional_unet(num_classes: int = 3) -> UNet:
+    """A small conditional UNet with every weight random (the zero-initialised output layer
+    would make every prediction 0)."""
+    torch.manual_seed(0)
+    model = UNet(ModelConfig(image_size=8, in_channels=1, channels=16, channel_mults=(1, 2),
+                             attn_resolutions=(4,), heads=2, dropout=0.0,
+                             num_classes=num_classes)).eval()
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.1)
+    return model
+
+
+@torch.no_grad()
+def test_guidance_0_is_unconditional_1_conditional_and_between_is_the_mix():
+    model = conditional_unet()
+    x, t = torch.randn(4, 1, 8, 8), torch.tensor([10, 500, 900, 999])
+    labels, null = torch.tensor([0, 1, 2, 1]), torch.full((4,), 3)
+    cond, uncond = model(x, t, labels), model(x, t, null)
+    assert not torch.allclose(cond, uncond, atol=1e-3)  # the label matters
+    torch.testing.assert_close(model(x, t), uncond)  # no labels: the "no label" row
+    torch.testing.assert_close(guided(model, labels, 0.0, 3)(x, t), uncond)
+    torch.testing.assert_close(guided(model, labels, 1.0, 3)(x, t), cond)
+    torch.testing.assert_close(guided(model, labels, 2.5, 3)(x, t),  # one batched call
+                               uncond + 2.5 * (cond - uncond), atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_with_guidance_0_equals_unconditional_sampling():
+    model, schedule = conditional_unet(), NoiseSchedule.linear(100)
+    kw = dict(sampler="ddim", steps=5, noise=torch.randn(4, 1, 8, 8))
+    torch.testing.assert_close(sample(model, schedule, (4, 1, 8, 8), labels=[0, 1, 2, 0],
+                                      guidance=0.0, **kw),
+                               sample(model, schedule, (4, 1, 8, 8), **kw))
+
+
+def test_label_errors_say_what_is_wrong():
+    model, schedule = conditional_unet(), NoiseSchedule.linear(100)
+    shape = (2, 1, 8, 8)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\].*3 classes"):
+        sample(model, schedule, shape, steps=2, labels=[0, 3])
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 2\]"):
+        sample(model, schedule, shape, steps=2, labels=[-1, 0])
+    with pytest.raises(ValueError, match="3 labels for 2 images"):
+        sample(model, schedule, shape, steps=2, labels=[0, 1, 2])
+    with pytest.raises(ValueError, match="guidance needs labels"):
+        sample(model, schedule, shape, steps=2, guidance=3.0)
+    plain = UNet(ModelConfig(image_size=8, in_channels=1, channels=16, channel_mults=(1, 2),
+                             attn_resolutions=(4,), heads=2))
+    with pytest.raises(ValueError, match="unconditional"):
+        sample(plain, schedule, shape, steps=2, labels=[0, 1])
+    with pytest.raises(ValueError, match="unconditional"):
+        zeros = torch.zeros(2, dtype=torch.long)
+        plain(torch.zeros(shape), zeros, zeros)
+    assert not any("label" in k for k in plain.state_dict())  # unconditional: as before
+    assert parse_labels("7", [str(d) for d in range(10)], 5).tolist() == [7] * 5
+    assert parse_labels("bmw m3, 0", ["Audi", "BMW M3"], 3).tolist() == [1, 0, 1]
+    with pytest.raises(ValueError, match="no class named 'Tesla'"):
+        parse_labels("Tesla", ["Audi", "BMW M3"], 3)
+
+
+def test_labels_of_each_dataset(tmp_path):
+    digits = make_dataset(DataConfig(dataset="mnist", split="test"), 8, 1)
+    assert digits.classes == [str(d) for d in range(10)] and digits.labels.bincount().tolist() \
+        == [50] * 10
+    for cls in ("cat", "dog"):
+        for i in range(2):
+            (tmp_path / "pets" / cls / "deep").mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / "pets" / cls / "deep" / f"{i}.png")
+    cache = str(tmp_path / "cache")
+    pets = make_dataset(DataConfig(dataset="folder", root=str(tmp_path / "pets"),
+                                   cache_dir=cache), 8, 3, progress=False)
+    assert pets.classes == ["cat", "dog"] and pets.labels.tolist() == [0, 0, 1, 1]
+    Image.new("RGB", (8, 8)).save(tmp_path / "pets" / "loose.png")  # an image without a class
+    unlabelled = make_dataset(DataConfig(dataset="folder", root=str(tmp_path / "pets"),
+                                         cache_dir=cache), 8, 3, progress=False)
+    assert unlabelled.labels is None and unlabelled.classes is None
+
+
+def test_stanford_cars_labels_and_names_from_the_devkit(torchvision_layout):
+    names = np.array(["AM General Hummer SUV 2000", "BMW M3 Coupe 2012"], dtype=object)
+    savemat(str(torchvision_layout / "stanford_cars" / "devkit" / "cars_meta.mat"),
+            {"class_names": names.reshape(1, -1)})
+    cars = make_dataset(DataConfig(dataset="cars", root=str(torchvision_layout),
+                                   cache_dir=str(torchvision_layout / "cache")), 8, 3,
+                        progress=False)
+    assert cars.labels.tolist() == [0, 1, 0, 0]  # the fixture's classes: 1, 2, 1; test: 1
+    assert cars.classes == list(names)
+
+
+def test_conditional_training_and_guided_samples(tiny_cfg):
+    cfg = tiny_cfg.override(num_classes=10, steps=4, sample_every=0, checkpoint_every=0)
+    smol_diffusion.train(cfg, progress=False)
+    ckpt = smol_diffusion.load_checkpoint(f"{cfg.train.out_dir}/ckpt.pt", device="cpu")
+    assert ckpt.classes == [str(d) for d in range(10)]
+    x = ckpt.sample(4, labels=[7, 7, 1, 1], guidance=2.0)
+    assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="num_classes=5, but the dataset has 10 classes; set "
+                                         "num_classes to 10"):
+        smol_diffusion.train(cfg.override(num_classes=5), progress=False)
+
+
+class ConstantClassifier(nn.Module):
+    """A stand-in digit classifier that always says 0."""
+
+    def features(self, x):
+        return x.flatten(1)
+
+    def forward(self, x):
+        return torch.tensor([10.0] + [0.0] * 9).expand(len(x), 10)
+
+
+def test_class_match_counts_samples_of_the_class_asked_for(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.override(num_classes=10, steps=2, sample_n=0, checkpoint_every=0)
+    smol_diffusion.train(cfg, progress=False)
+    ckpt = smol_diffusion.load_checkpoint(f"{cfg.train.out_dir}/ckpt.pt", device="cpu")
+    ext = Extractor("digits", "const", ConstantClassifier(), torch.device("cpu"))
+    rows = evaluate(ckpt, 20, metrics=("class_match", "recognisable"), extractor=ext,
+                    guidance=2.0, steps=2, cache_dir=tmp_path / "cache", progress=False)
+    match = next(r for r in rows if r["metric"] == "class_match")
+    assert match["value"] == pytest.approx(0.1) and match["guidance"] == 2.0  # 2 zeros of 20
+    with pytest.raises(ValueError, match="class_match scores samples drawn with guidance"):
+        evaluate(ckpt, 20, metrics=("class_match",), extractor=ext, progress=False,
+                 cache_dir=tmp_path / "cache")
