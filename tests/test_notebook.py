@@ -1,4 +1,5 @@
-"""The notebook runs top to bottom headless (papermill), in a smoke configuration."""
+"""The notebook runs top to bottom headless (papermill), in a smoke configuration of a
+class-conditional model (so every section draws)."""
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the notebook imports the package from the repo root
     overrides = {"image_size": 8, "channels": 16, "channel_mults": [1, 2], "attn_resolutions": [4],
                  "heads": 2, "steps": 30, "batch_size": 16, "warmup": 5, "log_every": 10,
-                 "sample_every": 15, "sample_n": 4, "sample_steps": 5,
+                 "sample_every": 15, "sample_n": 4, "sample_steps": 5, "num_classes": 10,
                  "out_dir": str(tmp_path / "run")}
     out = tmp_path / "out.ipynb"
     papermill.execute_notebook(str(ROOT / "DDPM_train_and_sample.ipynb"), str(out),
@@ -26,9 +27,10 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     # data grid, forward process, schedule, 2 training grids, loss, samples, trajectory,
-    # samplers, interpolation
-    assert len(images) >= 10
+    # samplers, interpolation, a row per class, guidance scales
+    assert len(images) >= 12
     assert (tmp_path / "run" / "ckpt.pt").exists()
     assert not any(o.get("output_type") == "error" for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "recognisable" in text and "bpd" in text and "real (test split)" in text
+    assert text.count("class_match") == 3  # guidance 1, 2 and 4
