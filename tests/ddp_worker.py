@@ -1,12 +1,15 @@
 """Run by test_distributed.py under torchrun: `smol_diffusion.train` from command-line options,
-then this process's EMA weights saved beside (not in) the run's folder, as ema_rank<r>.pt."""
+then this process's EMA weights and the number of files it wrote saved beside (not in) the
+run's folder, as rank<r>.pt."""
 import sys
 from pathlib import Path
 
 import torch
 
+import smol_diffusion.train  # noqa: F401  (the module; the package's `train` is the function)
 from smol_diffusion.hardware import distributed_env
-from smol_diffusion.train import parse_args, train
+
+training = sys.modules["smol_diffusion.train"]
 
 if __name__ == "__main__":
     captured = {}
@@ -17,7 +20,11 @@ if __name__ == "__main__":
         return lerp(ema, params, weight)
 
     torch._foreach_lerp_ = spy
-    cfg = parse_args(sys.argv[1:])
-    train(cfg, progress=False)
-    out = Path(cfg.train.out_dir).parent / f"ema_rank{distributed_env()[0]}.pt"
-    torch.save([p.clone() for p in captured["ema"]], out)
+    writes = []
+    for name in ("save_checkpoint", "save_grid"):  # count the files this process writes
+        real = getattr(training, name)
+        setattr(training, name, lambda *a, real=real, **k: writes.append(1) or real(*a, **k))
+    cfg = training.parse_args(sys.argv[1:])
+    training.train(cfg, progress=False)
+    out = Path(cfg.train.out_dir).parent / f"rank{distributed_env()[0]}.pt"
+    torch.save({"ema": [p.clone() for p in captured["ema"]], "writes": len(writes)}, out)

@@ -50,10 +50,11 @@ def test_two_processes_match_one_with_the_same_global_batch(one_process, tmp_pat
     two = torch.load(out / "ckpt.pt", weights_only=True)
     assert two["history"]["loss"] == pytest.approx(history["loss"], rel=1e-5)
     assert_same_weights(two, state)
-    ema0, ema1 = (torch.load(tmp_path / f"ema_rank{r}.pt") for r in (0, 1))
-    assert all(torch.equal(a, b) for a, b in zip(ema0, ema1))
-    for a, b in zip(ema0, state["ema"].values()):
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(rank0["ema"], rank1["ema"]))
+    for a, b in zip(rank0["ema"], state["ema"].values()):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert rank0["writes"] == 2 and rank1["writes"] == 0  # the checkpoint and the grid
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in out_one.iterdir())
 
 
