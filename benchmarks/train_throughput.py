@@ -87,6 +87,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
 
 
 def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so a timer reads what it ran."""
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -103,12 +104,14 @@ def flops_per_image(model, batch: int, shape: tuple, device: torch.device, call=
 
 
 def peak_memory_gib(device: torch.device) -> float:
+    """CUDA: the most memory tensors held; CPU: this process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def slow_bf16(device: torch.device) -> bool:
+    """A CPU without native bf16 kernels (no AVX512-BF16 or AMX): bf16 runs 10-100x slower."""
     return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
@@ -232,6 +235,7 @@ def num(x: float, width: int) -> str:
 
 
 def machine(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and thread count."""
     if device.type == "cuda":
         return torch.cuda.get_device_name()
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
