@@ -63,6 +63,9 @@ def train(cfg: Config, progress: bool = True) -> dict:
     if tc.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {tc.lr_schedule!r}")
     rank, world, local_rank = distributed_env()
+    if tc.grad_accum < 1 or not 0 <= tc.label_dropout <= 1:
+        raise ValueError(f"grad_accum must be at least 1 (got {tc.grad_accum}) and "
+                         f"label_dropout in [0, 1] (got {tc.label_dropout})")
     if tc.batch_size % (world * tc.grad_accum):
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} processes x "
                          f"{tc.grad_accum} accumulation steps; make it a multiple of "
