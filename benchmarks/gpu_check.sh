@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 log=${1:-benchmarks/gpu_check_$(date +%Y-%m-%d).log}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  PYTHONUNBUFFERED=1 timeout 240 python3 benchmarks/gpu_check.py
-  PYTHONUNBUFFERED=1 timeout 220 python3 benchmarks/train_throughput.py --models cars64 \
+  PYTHONUNBUFFERED=1 timeout 280 python3 benchmarks/gpu_check.py
+  PYTHONUNBUFFERED=1 timeout 200 python3 benchmarks/train_throughput.py --models cars64 \
     --variants fp32,bf16,bf16+compile --json "${log%.log}.json"
 } 2>&1 | tee "$log"
