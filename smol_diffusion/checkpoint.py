@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, ModelConfig
 from .hardware import pick_device
 from .samplers import sample
 from .schedule import NoiseSchedule
@@ -55,8 +55,9 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def check_same_model(state: dict, cfg: Config, path: str | Path) -> None:
-    """Raise if the checkpoint's model config differs from `cfg.model`, naming the fields."""
-    stored = state["config"]["model"]
+    """Raise if the checkpoint's model config differs from `cfg.model`, naming the fields. A
+    field that an older checkpoint lacks counts as its default (what that version built)."""
+    stored = dataclasses.asdict(ModelConfig()) | state["config"]["model"]
     wanted = dataclasses.asdict(cfg.model)
     diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
     if diff:

@@ -107,10 +107,14 @@ def cached_images(paths: list[Path], image_size: int, channels: int,
                 out[i] = load_image(paths[i], image_size, channels).numpy()
 
             with ThreadPoolExecutor(threads or os.cpu_count()) as pool:  # PIL frees the GIL
-                for _ in tqdm(pool.map(decode, range(len(paths))), total=len(paths),
-                              desc=f"caching {len(paths)} images at {image_size}px",
-                              disable=not progress, leave=False):
-                    pass
+                try:
+                    for _ in tqdm(pool.map(decode, range(len(paths))), total=len(paths),
+                                  desc=f"caching {len(paths)} images at {image_size}px",
+                                  disable=not progress, leave=False):
+                        pass
+                except BaseException:  # a bad file: stop now, not after decoding the rest
+                    pool.shutdown(cancel_futures=True)
+                    raise
             out.flush()
             del out
             os.replace(tmp, path)

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import copy
 import dataclasses
+import datetime
 import math
 import time
 from pathlib import Path
@@ -56,8 +57,9 @@ def train(cfg: Config, progress: bool = True) -> dict:
     process takes its share of every global batch of `batch_size` images, gradients are averaged
     (NCCL on CUDA, gloo on CPU), and only rank 0 writes files. The noise, timesteps, flips and
     dropped labels of each step are drawn for the whole global batch from a generator seeded by
-    (seed, step), so a run gives the same result on any number of processes and resumes on
-    another number exactly where it stopped.
+    (seed, step), so without dropout a run gives the same result on any number of processes and
+    resumes on another number where it stopped; dropout is seeded by (seed, step, rank), so a
+    resume on the same number of processes is exact with it too.
     """
     tc, mc = cfg.train, cfg.model
     if tc.lr_schedule not in ("constant", "cosine"):
@@ -76,8 +78,10 @@ def train(cfg: Config, progress: bool = True) -> dict:
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        own_group = not dist.is_initialized()
+        if own_group:  # the others wait while rank 0 builds the cache, samples or evaluates
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=60))
     bf16 = use_bf16(tc.precision, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -120,7 +124,6 @@ def train(cfg: Config, progress: bool = True) -> dict:
         load_weights(ema, state["ema"], tc.resume)
         opt.load_state_dict(state["optimizer"])
         step, history = int(state["step"]), history | state.get("history", {})
-    torch.manual_seed(tc.seed + 1_000_003 * (rank + 1) + step)  # dropout: per process
 
     out_dir = Path(tc.out_dir)
     params, ema_params = list(model.parameters()), list(ema.parameters())
@@ -153,6 +156,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     loss_sum, n_sum, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
     while step < tc.steps:
         for idx in batch_indices(len(images), tc.batch_size, tc.seed, epoch, skip, rank, world):
+            torch.manual_seed(hash((tc.seed, step, rank)))  # dropout: per process and step
             # 1. learning rate
             lr = lr_at(step, tc)
             for group in opt.param_groups:
@@ -222,7 +226,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
             write_samples()
     if world > 1:
         dist.barrier()
-        dist.destroy_process_group()
+        if own_group:
+            dist.destroy_process_group()
     return history
 
 

@@ -48,14 +48,27 @@ def test_checkpoint_round_trip_and_resume(tiny_cfg, tmp_path):
 
 
 def test_resume_is_exact(tiny_cfg, tmp_path):
-    """40 steps, then resume to 60, equals 60 steps straight (same data order and noise).
+    """40 steps, then resume to 60, equals 60 steps straight (same data order, noise and dropout).
     A constant learning rate, since a cosine decay depends on the total step count."""
-    cfg = tiny_cfg.override(sample_every=0, sample_n=0, checkpoint_every=0, lr_schedule="constant")
+    cfg = tiny_cfg.override(sample_every=0, sample_n=0, checkpoint_every=0, lr_schedule="constant",
+                            dropout=0.1)
     a = smol_diffusion.train(cfg.override(steps=60, out_dir=str(tmp_path / "a")), progress=False)
     smol_diffusion.train(cfg.override(steps=40, out_dir=str(tmp_path / "b")), progress=False)
     b = smol_diffusion.train(cfg.override(steps=60, out_dir=str(tmp_path / "b"),
                                           resume=str(tmp_path / "b" / "ckpt.pt")), progress=False)
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+
+
+def test_a_checkpoint_from_before_a_model_field_existed_resumes(tiny_cfg, tmp_path):
+    """Checkpoints written before num_classes existed lack it: it counts as its default, 0."""
+    smol_diffusion.train(tiny_cfg.override(steps=5, sample_n=0), progress=False)
+    path = tmp_path / "run" / "ckpt.pt"
+    state = read_checkpoint(path)
+    del state["config"]["model"]["num_classes"]
+    save_checkpoint(path, state)
+    resumed = smol_diffusion.train(tiny_cfg.override(steps=7, sample_n=0, resume=str(path)),
+                                   progress=False)
+    assert resumed["step"][-1] == 7
 
 
 def test_resume_with_another_architecture_is_refused(tiny_cfg, tmp_path):
