@@ -23,7 +23,7 @@ from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkp
 from .config import PRESETS, Config, all_fields, get_preset
 from .data import batch_indices, make_dataset, to_device
 from .diffusion import simple_loss
-from .evaluate import SAMPLE_METRICS, evaluate
+from .evaluate import default_metrics, evaluate, requested_labels
 from .hardware import autocast, compile_model, distributed_env, pick_device, use_bf16
 from .schedule import NoiseSchedule
 from .unet import UNet
@@ -132,13 +132,13 @@ def train(cfg: Config, progress: bool = True) -> dict:
     def write_samples() -> None:
         ckpt = Checkpoint(ema, schedule, cfg, step, history, classes)
         x = ckpt.sample(tc.sample_n, generator=torch.Generator().manual_seed(tc.seed),
-                        bf16=bf16, labels=_grid_labels(tc.sample_n, mc.num_classes))
+                        bf16=bf16, labels=requested_labels(tc.sample_n, mc.num_classes)
+                        if mc.num_classes else None)
         display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png"))
 
     def run_eval() -> dict:
         rows = evaluate(Checkpoint(ema, schedule, cfg, step, history, classes), tc.eval_n,
-                        metrics=(SAMPLE_METRICS[:3] if cfg.data.dataset == "mnist"
-                                 else ("fid", "kid")),
+                        metrics=tuple(m for m in default_metrics(cfg, None) if m != "bpd"),
                         seed=tc.seed, progress=False)
         return {"step": step} | {r["metric"]: r["value"] for r in rows}
 
@@ -240,11 +240,6 @@ def step_randomness(seed: int, step: int, shape: tuple[int, ...], T: int,
     t = torch.randint(0, T, shape[:1], generator=g, device=device)
     noise = torch.randn(shape, generator=g, device=device)
     return t, noise, torch.rand(shape[0], 2, generator=g, device=device)
-
-
-def _grid_labels(n: int, num_classes: int) -> torch.Tensor | None:
-    """Labels for a sample grid of a conditional model: the classes in turn, 0, 1, 2, ..."""
-    return torch.arange(n) % num_classes if num_classes else None
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
