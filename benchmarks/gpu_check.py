@@ -2,7 +2,8 @@
 
 1. Training, sampling, checkpointing and resuming run on CUDA: the cars64 model on synthetic
    64x64 images written to a temporary folder (the real image-folder loading path and image
-   cache), 300 steps in bf16 with torch.compile, then a resume.
+   cache), 300 steps in bf16 with channels_last and torch.compile, then a resume; the UNet's
+   attention runs on SDPA's flash or memory-efficient kernels (the math path is refused).
 2. Every sampler and the evaluation run on CUDA with that checkpoint: ms per 64x64 image at
    20 NFE in bf16, FID/KID through the FID Inception (random weights in pytorch-fid's layout,
    since none can be downloaded: the code path and its speed, not a real FID) and bits/dim.
@@ -25,6 +26,8 @@ import smol_diffusion as sd  # noqa: E402
 from smol_diffusion.evaluate import evaluate, format_table  # noqa: E402
 from smol_diffusion.features import FIDInception, inception_extractor  # noqa: E402
 from smol_diffusion.samplers import SAMPLERS  # noqa: E402
+from smol_diffusion.unet import Attention  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from train_throughput import synthetic_images  # noqa: E402  (this folder)
 
 
@@ -33,12 +36,12 @@ def check_end_to_end(root: Path) -> None:
     folder = synthetic_images(root / "images", 512, 64)
     cfg = sd.get_preset("cars64").override(
         dataset="folder", root=str(folder), cache_dir=str(root / "cache"), precision="bf16",
-        compile=True, steps=300, warmup=50, log_every=50,
+        channels_last=True, compile=True, steps=300, warmup=50, log_every=50,
         sample_every=150, sample_n=16, sample_steps=25, checkpoint_every=150,
         out_dir=str(root / "run"))
     t0 = time.time()
     hist = sd.train(cfg, progress=False)
-    print(f"[e2e] 300 steps, bf16 + compile, in {time.time() - t0:.1f}s; loss "
+    print(f"[e2e] 300 steps, bf16 + channels_last + compile, in {time.time() - t0:.1f}s; loss "
           f"{hist['loss'][0]:.4f} -> {hist['loss'][-1]:.4f}; loop img/s (incl. data loading) "
           f"{[round(r) for r in hist['img_per_s']]}")
     hist = sd.train(cfg.override(steps=320, resume=str(root / "run" / "ckpt.pt")), progress=False)
@@ -47,6 +50,20 @@ def check_end_to_end(root: Path) -> None:
     print(f"[e2e] resumed to step {ckpt.step}; sample {tuple(x.shape)} on {x.device}, "
           f"range [{x.min():.2f}, {x.max():.2f}], finite {bool(torch.isfinite(x).all())}; "
           f"files {sorted(p.name for p in (root / 'run').iterdir())}")
+
+
+def check_attention(device: torch.device) -> None:
+    """The UNet's attention (cars64's 256 channels, 4 heads, at 16x16) runs forward and backward
+    in bf16 with SDPA limited to its fused kernels: an error here means the math fallback."""
+    attn = Attention(256, 4).to(device)
+    x = torch.randn(64, 256, 16, 16, device=device, requires_grad=True)
+    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION):
+        try:
+            with sdpa_kernel(backend), torch.autocast(device.type, torch.bfloat16):
+                attn(x).float().square().mean().backward()
+            print(f"[attention] {backend.name}: forward and backward ran")
+        except RuntimeError as e:
+            print(f"[attention] {backend.name}: refused ({str(e).splitlines()[0]})")
 
 
 def check_sampling_and_evaluation(root: Path, n: int = 256) -> None:
@@ -94,6 +111,7 @@ def main() -> None:
           f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB")
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
+    check_attention(torch.device("cuda"))
     with tempfile.TemporaryDirectory() as tmp:
         if "e2e" in parts or "sampling" in parts:
             check_end_to_end(Path(tmp))

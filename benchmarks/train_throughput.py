@@ -45,7 +45,8 @@ from smol_diffusion.hardware import autocast, pick_device  # noqa: E402
 # that a run ends in minutes). A CPU without native bf16 runs bf16 at batch 1 for 2 steps.
 PLAN = {"cuda": {"demo": (64, 200, 40), "cars64": (64, 60, 10)},
         "cpu": {"demo": (64, 100, 20), "cars64": (4, 4, 1)}}
-DEFAULT_VARIANTS = {"cuda": "fp32,bf16,fp32+cl,bf16+cl,bf16+compile,bf16+cl+compile",
+DEFAULT_VARIANTS = {"cuda": "fp32,bf16,fp32+cl,bf16+cl,bf16+compile,bf16+cl+compile,"
+                            "bf16+cl+compile@256",
                     "cpu": "fp32,bf16,fp32+cl,fp32+compile"}
 
 
@@ -118,6 +119,8 @@ def slow_bf16(device: torch.device) -> bool:
 def train_job(preset: str, variant: str, device: torch.device, folder: str) -> dict:
     """The trainer's own img/s for one variant on the synthetic folder."""
     batch, steps, log_every = PLAN[device.type][preset]
+    variant, _, size = variant.partition("@")
+    batch = int(size or batch)
     parts = variant.split("+")
     bf16 = parts[0] == "bf16"
     if bf16 and slow_bf16(device) and preset == "cars64":
@@ -248,8 +251,8 @@ def main() -> None:
     parser.add_argument("--models", default="demo,cars64")
     parser.add_argument("--variants", default=None,
                         help="comma-separated: fp32 or bf16, with +cl (channels_last) and/or "
-                             "+compile; default: " + "; ".join(f"{k}: {v}" for k, v in
-                                                              DEFAULT_VARIANTS.items()))
+                             "+compile, and @N for a batch of N; default: "
+                             + "; ".join(f"{k}: {v}" for k, v in DEFAULT_VARIANTS.items()))
     parser.add_argument("--peers", action="store_true",
                         help="also time diffusers' and lucidrains' UNets (optional installs)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the peer comparison")
@@ -281,7 +284,7 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]  # --models "" for the peers alone
     with tempfile.TemporaryDirectory() as tmp:
         if models:
-            print(f"\n{'model':7s} {'variant':16s} {'batch':>5s} {'img/s':>8s} {'GFLOP/img':>9s} "
+            print(f"\n{'model':7s} {'variant':20s} {'batch':>5s} {'img/s':>8s} {'GFLOP/img':>9s} "
                   f"{'GFLOP/s':>9s} {'% peak':>6s} {'vs fp32':>7s} {'mem GiB':>7s}  "
                   "first interval")
         for preset in models:
@@ -293,16 +296,17 @@ def main() -> None:
                              "folder": str(folder)}) | {"model": preset, "variant": variant}
                 results["train"].append(r)
                 if "error" in r:
-                    print(f"{preset:7s} {variant:16s} failed: {r['error']}")
+                    print(f"{preset:7s} {variant:20s} failed: {r['error']}")
                     continue
                 base = base or (r if variant == "fp32" else None)
                 gflops = r["img_s"] * r["flops_per_img"] / 1e9
-                r["gflops"], r["share_of_peak"] = gflops, gflops / peaks[variant.split("+")[0]]
+                r["gflops"], r["share_of_peak"] = gflops, gflops / peaks[variant[:4]]
                 speedup = f"{r['img_s'] / base['img_s']:7.2f}" if base else f"{'':7s}"
-                print(f"{preset:7s} {variant:16s} {r['batch']:5d} {num(r['img_s'], 8)} "
+                print(f"{preset:7s} {variant:20s} {r['batch']:5d} {num(r['img_s'], 8)} "
                       f"{r['flops_per_img'] / 1e9:9.2f} {num(gflops, 9)} "
                       f"{r['share_of_peak']:6.1%} {speedup} {r['mem_gib']:7.2f}  "
                       f"{r['first_interval_s']:.1f}s", flush=True)
+                save(results, args.json)
             rates = [r["img_s"] for r in results["train"] if r["model"] == preset and "img_s" in r]
             if preset == "cars64" and rates:
                 print(f"the original's 6.1M images (40 GPU-hours there) at the fastest cars64 "
@@ -315,6 +319,7 @@ def main() -> None:
             r = run_job({"kind": "pipeline", "preset": preset,
                          "folder": str(Path(tmp) / f"img{size}")})
             results["pipeline"].append(r)
+            save(results, args.json)
             fastest = max((t["img_s"] for t in results["train"]
                            if t.get("model") == preset and "img_s" in t), default=float("nan"))
             r["x_training"] = r.get("deliver_img_s", float("nan")) / fastest
@@ -339,14 +344,20 @@ def main() -> None:
                 r = ok[0] | {"img_s": statistics.median(x["img_s"] for x in ok),
                              "img_s_rounds": [x["img_s"] for x in ok]}
                 results["peers"].append(r)
+                save(results, args.json)
                 ours = r if name == "smol" else ours
                 gflops = r["img_s"] * r["flops_per_img"] / 1e9
                 r["img_s_at_our_flops"] = gflops * 1e9 / ours["flops_per_img"]
                 print(f"{name:16s} {r['variant']:7s} {r['params_m']:6.1f}M {num(r['img_s'], 7)} "
                       f"{r['flops_per_img'] / 1e9:9.2f} {num(gflops, 9)} "
                       f"{num(r['img_s_at_our_flops'], 18)} {r['mem_gib']:7.2f}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    save(results, args.json)
+
+
+def save(results: dict, path: str | None) -> None:
+    """Write the results so far (after every row: a run cut short keeps what it measured)."""
+    if path:
+        Path(path).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

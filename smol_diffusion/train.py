@@ -86,6 +86,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the shapes repeat: time cuDNN's algorithms once
 
     if rank > 0:
         dist.barrier()  # rank 0 builds the image cache first

@@ -71,10 +71,13 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, C, H, W = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(B, 3, self.heads, C // self.heads, H * W)
-        q, k, v = qkv.transpose(-1, -2).unbind(1)  # each (B, heads, H*W, C/heads)
+        # Tokens (B, H*W, 3C), made contiguous (a copy unless x is channels_last) so that each
+        # head's q, k, v have a contiguous last dim: CUDA's flash and memory-efficient SDPA
+        # kernels refuse anything else and PyTorch would fall back to its slow math path.
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
+        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
-        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        h = h.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         return x + self.proj(h)
 
 
