@@ -116,33 +116,76 @@ def slow_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def train_job(preset: str, variant: str, device: torch.device, folder: str) -> dict:
-    """The trainer's own img/s for one variant on the synthetic folder."""
+def train_config(preset: str, variant: str, device: torch.device, folder: str, out: str):
+    """The preset's config for one variant ("bf16+cl+compile@256") on the synthetic folder."""
     batch, steps, log_every = PLAN[device.type][preset]
     variant, _, size = variant.partition("@")
     batch = int(size or batch)
     parts = variant.split("+")
-    bf16 = parts[0] == "bf16"
-    if bf16 and slow_bf16(device) and preset == "cars64":
+    if parts[0] == "bf16" and slow_bf16(device) and preset == "cars64":
         batch, steps, log_every = 1, 2, 1
+    return sd.get_preset(preset).override(
+        dataset="folder", root=folder, cache_dir=str(Path(folder) / "cache"),
+        batch_size=batch, steps=steps, log_every=log_every, warmup=1, sample_every=0,
+        sample_n=0, checkpoint_every=0, eval_every=0, out_dir=out, device=str(device),
+        precision=parts[0], channels_last="cl" in parts, compile="compile" in parts)
+
+
+def train_job(preset: str, variant: str, device: torch.device, folder: str) -> dict:
+    """The trainer's own img/s for one variant on the synthetic folder."""
     with tempfile.TemporaryDirectory() as out:
-        cfg = sd.get_preset(preset).override(
-            dataset="folder", root=folder, cache_dir=str(Path(folder) / "cache"),
-            batch_size=batch, steps=steps, log_every=log_every, warmup=1, sample_every=0,
-            sample_n=0, checkpoint_every=0, eval_every=0, out_dir=out, device=str(device),
-            precision=parts[0], channels_last="cl" in parts, compile="compile" in parts)
-        m = cfg.model
-        per_image = flops_per_image(sd.UNet(m).to(device), min(batch, 8),
+        cfg = train_config(preset, variant, device, folder, out)
+        m, tc = cfg.model, cfg.train
+        per_image = flops_per_image(sd.UNet(m).to(device), min(tc.batch_size, 8),
                                     (m.in_channels, m.image_size, m.image_size), device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
         history = sd.train(cfg, progress=False)
         rates = history["img_per_s"][1:]
-        return {"model": preset, "variant": variant, "batch": batch, "steps": steps,
+        return {"model": preset, "variant": variant, "batch": tc.batch_size, "steps": tc.steps,
                 "img_s": statistics.median(rates), "flops_per_img": per_image,
-                "first_interval_s": log_every * batch / history["img_per_s"][0],
+                "first_interval_s": tc.log_every * tc.batch_size / history["img_per_s"][0],
                 "wall_s": time.time() - t0, "mem_gib": peak_memory_gib(device)}
+
+
+# Kernel name fragments -> what the time went to (the first match wins).
+KERNEL_KINDS = [("attention", ("flash", "fmha", "attention", "softmax")),
+                ("conv / matmul", ("conv", "xmma", "cudnn", "gemm", "cutlass", "sm80", "sm90",
+                                   "implicit", "winograd", "nhwc", "nchw")),
+                ("optimizer, clip, EMA", ("adam", "multi_tensor", "foreach", "lerp", "norm_")),
+                ("fused elementwise / norms (compiled)", ("triton",)),
+                ("elementwise / norms (eager)", ("elementwise", "reduce", "norm", "silu",
+                                                 "copy", "fill"))]
+
+
+def profile_job(preset: str, variant: str, device: torch.device, folder: str) -> dict:
+    """Where the device's time goes in training steps: a warm-up run (compilation, cuDNN's
+    algorithm search), then a profiled one; kernel time by kind, the top kernels, and the share
+    of the wall time the device was busy."""
+    from torch.profiler import ProfilerActivity, profile
+    on_cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as out:
+        cfg = train_config(preset, variant, device, folder, out)
+        sd.train(cfg.override(steps=cfg.train.log_every), progress=False)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            sd.train(cfg, progress=False)
+            wall = time.perf_counter() - t0
+    events = [e for e in prof.key_averages()
+              if (e.device_type.name == "CUDA") == on_cuda and e.self_device_time_total > 0] \
+        if on_cuda else [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    times = {e.key: (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e6
+             for e in events}
+    kinds: dict[str, float] = {}
+    for name, sec in times.items():
+        kind = next((k for k, frags in KERNEL_KINDS if any(f in name.lower() for f in frags)),
+                    "other")
+        kinds[kind] = kinds.get(kind, 0.0) + sec
+    top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
+    return {"model": preset, "variant": variant, "steps": cfg.train.steps, "wall_s": wall,
+            "busy_s": sum(times.values()), "kinds": kinds, "top": top}
 
 
 def pipeline_job(preset: str, device: torch.device, folder: str, seconds: float = 2.0) -> dict:
@@ -256,6 +299,8 @@ def main() -> None:
     parser.add_argument("--peers", action="store_true",
                         help="also time diffusers' and lucidrains' UNets (optional installs)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the peer comparison")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of timing: where the time goes in each variant's steps")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default=None, help="also write every result to this file")
     parser.add_argument("--job", default=None, help=argparse.SUPPRESS)
@@ -267,7 +312,8 @@ def main() -> None:
     if args.job:
         job = json.loads(args.job)
         kind = job.pop("kind")
-        result = {"train": train_job, "pipeline": pipeline_job, "peer": peer_job}[kind](
+        result = {"train": train_job, "pipeline": pipeline_job, "peer": peer_job,
+                  "profile": profile_job}[kind](
             device=device, **job)
         print("RESULT " + json.dumps(result))
         return
@@ -282,6 +328,8 @@ def main() -> None:
           + (" (no native bf16 on this CPU: reference kernels)" if slow_bf16(device) else ""))
     variants = (args.variants or DEFAULT_VARIANTS[device.type]).split(",")
     models = [m for m in args.models.split(",") if m]  # --models "" for the peers alone
+    if args.profile:
+        return print_profiles(models, variants)
     with tempfile.TemporaryDirectory() as tmp:
         if models:
             print(f"\n{'model':7s} {'variant':20s} {'batch':>5s} {'img/s':>8s} {'GFLOP/img':>9s} "
@@ -352,6 +400,27 @@ def main() -> None:
                       f"{r['flops_per_img'] / 1e9:9.2f} {num(gflops, 9)} "
                       f"{num(r['img_s_at_our_flops'], 18)} {r['mem_gib']:7.2f}", flush=True)
     save(results, args.json)
+
+
+def print_profiles(models: list[str], variants: list[str]) -> None:
+    """--profile: each variant's device time by kind of kernel, and its top kernels."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in models:
+            size = sd.get_preset(preset).model.image_size
+            folder = synthetic_images(Path(tmp) / f"img{size}", 512, size)
+            for variant in variants:
+                r = run_job({"kind": "profile", "preset": preset, "variant": variant,
+                             "folder": str(folder)})
+                if "error" in r:
+                    print(f"\n{preset} {variant}: failed: {r['error']}")
+                    continue
+                print(f"\n{preset} {variant}, {r['steps']} steps: {r['wall_s']:.2f} s wall, "
+                      f"kernels {r['busy_s']:.2f} s ({r['busy_s'] / r['wall_s']:.0%} busy)")
+                for kind, sec in sorted(r["kinds"].items(), key=lambda kv: -kv[1]):
+                    print(f"  {kind:38s} {sec:7.3f} s {sec / r['busy_s']:6.1%}")
+                print("  top kernels:")
+                for name, sec in r["top"]:
+                    print(f"  {sec / r['busy_s']:6.1%}  {name[:110]}")
 
 
 def save(results: dict, path: str | None) -> None:
