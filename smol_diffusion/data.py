@@ -127,10 +127,22 @@ def cached_images(paths: list[Path], image_size: int, channels: int,
     return torch.from_numpy(images)
 
 
+# The random streams of a run, each seeded by (seed, stream, index): see stream_seed.
+ORDER, STEP, DROPOUT = 0, 1, 2
+
+
+def stream_seed(seed: int, *keys: int) -> int:
+    """A 64-bit seed for one random stream of a run, e.g. (seed, STEP, step) for the draws of
+    one step: distinct keys give unrelated streams (numpy's SeedSequence hashing), the same on
+    every process and machine, so a resumed or distributed run draws what a single one does."""
+    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0])
+
+
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """A random order of n indices for one epoch, seeded by (seed, epoch), so a resumed run
     sees the data in the same order as an uninterrupted one."""
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    g = torch.Generator().manual_seed(stream_seed(seed, ORDER, epoch))
+    return torch.randperm(n, generator=g)
 
 
 def batch_indices(n: int, batch_size: int, seed: int, epoch: int, skip: int = 0,

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkpoint,
                          save_checkpoint)
 from .config import PRESETS, Config, all_fields, get_preset
-from .data import batch_indices, make_dataset, to_device
+from .data import DROPOUT, STEP, batch_indices, make_dataset, stream_seed, to_device
 from .diffusion import simple_loss
 from .evaluate import default_metrics, evaluate, requested_labels
 from .hardware import autocast, compile_model, distributed_env, pick_device, use_bf16
@@ -157,7 +157,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     loss_sum, n_sum, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
     while step < tc.steps:
         for idx in batch_indices(len(images), tc.batch_size, tc.seed, epoch, skip, rank, world):
-            torch.manual_seed(hash((tc.seed, step, rank)))  # dropout: per process and step
+            torch.manual_seed(stream_seed(tc.seed, DROPOUT, step, rank))  # per process
             # 1. learning rate
             lr = lr_at(step, tc)
             for group in opt.param_groups:
@@ -237,7 +237,7 @@ def step_randomness(seed: int, step: int, shape: tuple[int, ...], T: int,
     """The random draws of one training step for a global batch of `shape` (B, C, H, W), from a
     generator seeded by (seed, step): timesteps t (B,), noise like the images, and uniforms
     (B, 2) for the flips and the label dropout."""
-    g = torch.Generator(device).manual_seed(seed * 1_000_003 + step)
+    g = torch.Generator(device).manual_seed(stream_seed(seed, STEP, step))
     t = torch.randint(0, T, shape[:1], generator=g, device=device)
     noise = torch.randn(shape, generator=g, device=device)
     return t, noise, torch.rand(shape[0], 2, generator=g, device=device)

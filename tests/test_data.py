@@ -9,9 +9,9 @@ from PIL import Image
 
 from conftest import write_image
 from smol_diffusion import DataConfig
-from smol_diffusion.data import (DatasetError, batch_indices, cached_images, find_images,
-                                 make_dataset, mnist_5k, mnist_5k_arrays, stanford_cars_files,
-                                 to_device)
+from smol_diffusion.data import (DROPOUT, ORDER, STEP, DatasetError, batch_indices,
+                                 cached_images, find_images, make_dataset, mnist_5k,
+                                 mnist_5k_arrays, stanford_cars_files, stream_seed, to_device)
 
 
 def data_cfg(tmp_path, **kw):
@@ -78,6 +78,16 @@ def test_batches_cover_each_epoch_once_in_a_seeded_order():
     one = [b.tolist() for b in batch_indices(20, 4, 1, 0)]
     ranks = [[b.tolist() for b in batch_indices(20, 4, 1, 0, rank=r, world=2)] for r in (0, 1)]
     assert [a + b for a, b in zip(*ranks)] == one
+
+
+def test_each_random_stream_of_a_run_has_its_own_seed():
+    # the data order of epoch e, the draws of step e and its dropout are unrelated streams
+    seeds = [stream_seed(s, *keys) for s in (0, 1) for i in range(50)
+             for keys in ((ORDER, i), (STEP, i), (DROPOUT, i, 0), (DROPOUT, i, 1))]
+    assert len(set(seeds)) == len(seeds) and all(0 <= s < 2**64 for s in seeds)
+    # the same on every process, machine and version (numpy's SeedSequence is stable): a run
+    # resumed elsewhere draws what it would have drawn
+    assert stream_seed(0, STEP, 0) == 5836529245451711556
 
 
 def test_image_cache_is_built_once_and_keyed_by_files_and_size(tmp_path, monkeypatch):
