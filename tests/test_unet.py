@@ -62,6 +62,21 @@ def test_attention_is_permutation_equivariant_with_a_residual():
     torch.testing.assert_close(attn(x), x)
 
 
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_attention_hands_sdpa_a_contiguous_last_dim(monkeypatch, fmt):
+    """CUDA's flash and memory-efficient kernels need q, k, v with stride 1 on the head dim
+    (otherwise PyTorch falls back to its math path); the output keeps x's memory format."""
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v: seen.append((q, k, v)) or sdpa(q, k, v))
+    x = torch.randn(2, 8, 4, 4).contiguous(memory_format=fmt)
+    y = Attention(8, heads=2)(x)
+    assert [t.shape for t in seen[0]] == [(2, 2, 16, 4)] * 3
+    assert all(t.stride(-1) == 1 for t in seen[0])
+    assert y.is_contiguous(memory_format=fmt)
+
+
 def test_attention_heads_are_independent():
     """Each head attends with its own channels: changing head 1's input leaves head 0's output."""
     torch.manual_seed(0)
