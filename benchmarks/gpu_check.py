@@ -2,8 +2,8 @@
 
 1. Training, sampling, checkpointing and resuming run on CUDA: the cars64 model on synthetic
    64x64 images written to a temporary folder (the real image-folder loading path and image
-   cache), 300 steps in bf16 with torch.compile, then a resume; the UNet's
-   attention runs on SDPA's flash or memory-efficient kernels (the math path is refused).
+   cache), 300 steps in bf16 with torch.compile, then a resume; the UNet's attention runs on
+   SDPA's flash or memory-efficient kernels (the math path is refused).
 2. Every sampler and the evaluation run on CUDA with that checkpoint: ms per 64x64 image at
    20 NFE in bf16, FID/KID through the FID Inception (random weights in pytorch-fid's layout,
    since none can be downloaded: the code path and its speed, not a real FID) and bits/dim.
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import smol_diffusion as sd  # noqa: E402
@@ -27,7 +28,6 @@ from smol_diffusion.evaluate import evaluate, format_table  # noqa: E402
 from smol_diffusion.features import FIDInception, inception_extractor  # noqa: E402
 from smol_diffusion.samplers import SAMPLERS  # noqa: E402
 from smol_diffusion.unet import Attention  # noqa: E402
-from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from train_throughput import synthetic_images  # noqa: E402  (this folder)
 
 

@@ -12,9 +12,9 @@ cd "$(dirname "$0")/.."
 log=${1:-benchmarks/gpu_check_$(date +%Y-%m-%d).log}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  PYTHONUNBUFFERED=1 timeout 240 python3 benchmarks/gpu_check.py
+  PYTHONUNBUFFERED=1 timeout 230 python3 benchmarks/gpu_check.py
   # each step over fp32 in turn, then a larger batch (bf16+compile at 64 reuses the compile
   # cache of the end-to-end run above)
-  PYTHONUNBUFFERED=1 timeout 240 python3 benchmarks/train_throughput.py --models cars64 \
+  PYTHONUNBUFFERED=1 timeout 230 python3 benchmarks/train_throughput.py --models cars64 \
     --variants fp32,bf16,bf16+cl,bf16+compile,bf16+compile@256 --json "${log%.log}.json"
 } 2>&1 | tee "$log"

@@ -116,14 +116,15 @@ def slow_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
-def train_config(preset: str, variant: str, device: torch.device, folder: str, out: str):
+def train_config(preset: str, variant: str, device: torch.device, folder: str,
+                 out: str) -> sd.Config:
     """The preset's config for one variant ("bf16+cl+compile@256") on the synthetic folder."""
     batch, steps, log_every = PLAN[device.type][preset]
     variant, _, size = variant.partition("@")
-    batch = int(size or batch)
     parts = variant.split("+")
-    if parts[0] == "bf16" and slow_bf16(device) and preset == "cars64":
+    if parts[0] == "bf16" and slow_bf16(device) and preset == "cars64" and not size:
         batch, steps, log_every = 1, 2, 1
+    batch = int(size or batch)
     return sd.get_preset(preset).override(
         dataset="folder", root=folder, cache_dir=str(Path(folder) / "cache"),
         batch_size=batch, steps=steps, log_every=log_every, warmup=1, sample_every=0,
@@ -151,14 +152,19 @@ def train_job(preset: str, variant: str, device: torch.device, folder: str) -> d
 
 # Kernel name fragments -> what the time went to (the first match wins: compiled kernels are
 # named after the ops they fuse, "convolution" among them).
-KERNEL_KINDS = [("fused elementwise / norms (compiled)", ("triton",)),
+KERNEL_KINDS = [("conv / matmul", ("triton_tem",)),  # max-autotune's generated templates
+                ("fused elementwise / norms (compiled)", ("triton",)),
                 ("attention", ("flash", "fmha", "attention", "softmax")),
-                ("optimizer, clip, EMA", ("adam", "multi_tensor", "foreach", "lerp")),
-                ("copies (layout, dtype)", ("copy",)),
+                ("optimizer, clip, EMA", ("adam", "multi_tensor", "foreach", "lerp",
+                                          "lpnorm")),
+                ("copies (layout, dtype)", ("nchwtonhwc", "nhwctonchw", "memcpy", "memset",
+                                            "direct_copy", "copy_kernel", "aten::copy_")),
                 ("conv / matmul", ("conv", "xmma", "cudnn", "gemm", "cutlass", "sm80", "sm90",
-                                   "implicit", "winograd", "nhwc", "nchw")),
-                ("elementwise / norms (eager)", ("elementwise", "reduce", "norm", "silu",
-                                                 "fill", "upsample", "cat"))]
+                                   "implicit", "winograd", "nvjet")),
+                ("elementwise / norms (eager)", ("elementwise", "reduce", "norm", "moments",
+                                                 "fusedparams", "gammabeta", "internalgrad",
+                                                 "silu", "dropout", "fill", "upsample", "index",
+                                                 "cat"))]
 
 
 def profile_job(preset: str, variant: str, device: torch.device, folder: str) -> dict:
@@ -175,9 +181,9 @@ def profile_job(preset: str, variant: str, device: torch.device, folder: str) ->
             t0 = time.perf_counter()
             sd.train(cfg, progress=False)
             wall = time.perf_counter() - t0
-    events = [e for e in prof.key_averages()
-              if (e.device_type.name == "CUDA") == on_cuda and e.self_device_time_total > 0] \
-        if on_cuda else [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = [e for e in prof.key_averages() if not e.is_user_annotation and (
+        e.device_type.name == "CUDA" and e.self_device_time_total > 0 if on_cuda
+        else e.key.startswith("aten::"))]
     times = {e.key: (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e6
              for e in events}
     kinds: dict[str, float] = {}
@@ -314,24 +320,31 @@ def main() -> None:
     if args.job:
         job = json.loads(args.job)
         kind = job.pop("kind")
-        result = {"train": train_job, "pipeline": pipeline_job, "peer": peer_job,
-                  "profile": profile_job}[kind](
-            device=device, **job)
+        jobs = {"train": train_job, "pipeline": pipeline_job, "peer": peer_job,
+                "profile": profile_job}
+        result = jobs[kind](device=device, **job)
         print("RESULT " + json.dumps(result))
         return
     results = {"machine": machine(device), "torch": torch.__version__,
                "date": time.strftime("%Y-%m-%d"), "train": [], "pipeline": [], "peers": []}
     print(f"{results['machine']}; torch {torch.__version__}; {results['date']}")
+    variants = (args.variants or DEFAULT_VARIANTS[device.type]).split(",")
+    for v in variants:
+        name, _, size = v.partition("@")
+        parts = name.split("+")
+        if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "compile"} \
+                or not (size or "1").isdigit():
+            parser.error(f"variant {v!r}: expected fp32 or bf16, then +cl and/or +compile, "
+                         "then @N for a batch of N, e.g. bf16+compile@256")
+    models = [m for m in args.models.split(",") if m]  # --models "" for the peers alone
+    if args.profile:
+        return print_profiles(models, variants)
     peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device,
                                                                             torch.bfloat16)}
     results["peak_gflops"] = peaks
     print(f"measured matmul peak: fp32{'/tf32' if device.type == 'cuda' else ''} "
           f"{num(peaks['fp32'], 1)} GFLOP/s, bf16 {num(peaks['bf16'], 1)} GFLOP/s"
           + (" (no native bf16 on this CPU: reference kernels)" if slow_bf16(device) else ""))
-    variants = (args.variants or DEFAULT_VARIANTS[device.type]).split(",")
-    models = [m for m in args.models.split(",") if m]  # --models "" for the peers alone
-    if args.profile:
-        return print_profiles(models, variants)
     with tempfile.TemporaryDirectory() as tmp:
         if models:
             print(f"\n{'model':7s} {'variant':20s} {'batch':>5s} {'img/s':>8s} {'GFLOP/img':>9s} "

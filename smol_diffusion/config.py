@@ -92,7 +92,7 @@ class TrainConfig:
     label_dropout: float = 0.1  # conditional models: share of labels dropped (Ho & Salimans)
     precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where it is faster)
     compile: bool = False  # torch.compile the network (falls back to eager, with a warning)
-    channels_last: bool = False  # channels_last memory format (cars64 on H100/H200: slower)
+    channels_last: bool = False  # channels_last memory format (cars64 on an H200: slower)
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
     seed: int = 0  # seeds the weights, the data order and the noise
     log_every: int = 100  # steps between loss readings (each one synchronises the device)

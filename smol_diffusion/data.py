@@ -135,7 +135,7 @@ def stream_seed(seed: int, *keys: int) -> int:
     """A 64-bit seed for one random stream of a run, e.g. (seed, STEP, step) for the draws of
     one step: distinct keys give unrelated streams (numpy's SeedSequence hashing), the same on
     every process and machine, so a resumed or distributed run draws what a single one does."""
-    return int(np.random.SeedSequence([seed, *keys]).generate_state(1, np.uint64)[0])
+    return int(np.random.SeedSequence(seed, spawn_key=keys).generate_state(1, np.uint64)[0])
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:

@@ -68,6 +68,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     if tc.grad_accum < 1 or not 0 <= tc.label_dropout <= 1:
         raise ValueError(f"grad_accum must be at least 1 (got {tc.grad_accum}) and "
                          f"label_dropout in [0, 1] (got {tc.label_dropout})")
+    if tc.seed < 0:
+        raise ValueError(f"seed must be 0 or more, got {tc.seed}")
     if tc.batch_size % (world * tc.grad_accum):
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} processes x "
                          f"{tc.grad_accum} accumulation steps; make it a multiple of "

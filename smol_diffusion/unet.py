@@ -75,7 +75,8 @@ class Attention(nn.Module):
         # head's q, k, v have a contiguous last dim: CUDA's flash and memory-efficient SDPA
         # kernels refuse anything else and PyTorch would fall back to its slow math path.
         qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2).contiguous()
-        q, k, v = qkv.view(B, H * W, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        qkv = qkv.view(B, H * W, 3, self.heads, C // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each (B, heads, H*W, C/heads)
         h = F.scaled_dot_product_attention(q, k, v)  # (B, heads, H*W, C/heads)
         h = h.transpose(1, 2).reshape(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W)
         return x + self.proj(h)

@@ -74,3 +74,5 @@ def test_a_batch_that_does_not_split_is_refused(tiny_cfg):
         smol_diffusion.train(tiny_cfg.override(grad_accum=3), progress=False)
     with pytest.raises(ValueError, match="grad_accum must be at least 1"):
         smol_diffusion.train(tiny_cfg.override(grad_accum=0), progress=False)
+    with pytest.raises(ValueError, match="seed must be 0 or more, got -1"):
+        smol_diffusion.train(tiny_cfg.override(seed=-1), progress=False)
