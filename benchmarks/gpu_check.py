@@ -28,7 +28,7 @@ from smol_diffusion.evaluate import evaluate, format_table  # noqa: E402
 from smol_diffusion.features import FIDInception, inception_extractor  # noqa: E402
 from smol_diffusion.samplers import SAMPLERS  # noqa: E402
 from smol_diffusion.unet import Attention  # noqa: E402
-from train_throughput import synthetic_images  # noqa: E402  (this folder)
+from train_throughput import sync, synthetic_images  # noqa: E402  (this folder)
 
 
 def check_end_to_end(root: Path) -> None:
@@ -70,16 +70,15 @@ def check_sampling_and_evaluation(root: Path, n: int = 256) -> None:
     """Each sampler's speed, and FID/KID/bits-dim, with the end-to-end checkpoint (on CUDA)."""
     ckpt = sd.load_checkpoint(root / "run" / "ckpt.pt")
     device = next(ckpt.model.parameters()).device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for name in SAMPLERS:
         for bf16 in (False, True):
             gen = torch.Generator().manual_seed(0)
             # warm-up at the timed batch size: cuDNN picks its algorithms for each new shape
             ckpt.sample(n, sampler=name, steps=2, generator=gen, bf16=bf16)
-            sync()
+            sync(device)
             t0 = time.perf_counter()
             x = ckpt.sample(n, sampler=name, steps=20, generator=gen, bf16=bf16)
-            sync()
+            sync(device)
             ms = 1000 * (time.perf_counter() - t0) / n
             print(f"[sampling] {name:>8} 20 NFE, batch {n}, {'bf16' if bf16 else 'fp32'}: "
                   f"{ms:.2f} ms/image (50,000 for FID: {50_000 * ms / 60_000:.1f} min); "
@@ -90,10 +89,10 @@ def check_sampling_and_evaluation(root: Path, n: int = 256) -> None:
     ext = inception_extractor(weights, device)
     images = torch.rand(2 * n, 3, 64, 64, device=device) * 2 - 1
     ext.features(images)  # warm-up with the timed batches (cuDNN's algorithm search)
-    sync()
+    sync(device)
     t0 = time.perf_counter()
     feats = ext.features(images)
-    sync()
+    sync(device)
     print(f"[inception] {feats.shape} features at {len(images) / (time.perf_counter() - t0):.0f} "
           "img/s")
     t0 = time.time()

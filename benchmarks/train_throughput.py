@@ -202,7 +202,7 @@ def pipeline_job(preset: str, device: torch.device, folder: str, seconds: float 
     cfg = sd.get_preset(preset)
     batch = PLAN[device.type][preset][0]
     with tempfile.TemporaryDirectory() as cache:
-        data = cfg.data.__class__(dataset="folder", root=folder, cache_dir=cache)
+        data = sd.DataConfig(dataset="folder", root=folder, cache_dir=cache)
         t0 = time.perf_counter()
         images = make_dataset(data, cfg.model.image_size, cfg.model.in_channels, False).images
         decode = len(images) / (time.perf_counter() - t0)
