@@ -177,7 +177,7 @@ def profile_job(preset: str, variant: str, device: torch.device, folder: str) ->
         cfg = train_config(preset, variant, device, folder, out)
         sd.train(cfg.override(steps=cfg.train.log_every), progress=False)
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-        with profile(activities=activities) as prof:
+        with profile(activities=activities, record_shapes=True) as prof:
             t0 = time.perf_counter()
             sd.train(cfg, progress=False)
             wall = time.perf_counter() - t0
@@ -193,7 +193,30 @@ def profile_job(preset: str, variant: str, device: torch.device, folder: str) ->
         kinds[kind] = kinds.get(kind, 0.0) + sec
     top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
     return {"model": preset, "variant": variant, "steps": cfg.train.steps, "wall_s": wall,
-            "busy_s": sum(times.values()), "kinds": kinds, "top": top}
+            "busy_s": sum(times.values()), "kinds": kinds, "top": top,
+            "copies": copy_sources(prof.events(), on_cuda)}
+
+
+COPY_OPS = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::to", "aten::_to_copy",
+            "aten::empty_like", "aten::empty_strided")
+
+
+def copy_sources(events, on_cuda: bool, n: int = 8) -> list[tuple[str, str, float]]:
+    """Who asks for the copies: the time of aten::copy_'s own kernels (CPU: its own time)
+    summed by the nearest enclosing op that is not itself a copy, and the copied shape."""
+    found: dict[tuple[str, str], float] = {}
+    for e in events:
+        if e.name != "aten::copy_" or e.device_type.name != "CPU":
+            continue
+        sec = (e.self_device_time_total if on_cuda else e.self_cpu_time_total) / 1e6
+        parent = e.cpu_parent
+        while parent is not None and parent.name in COPY_OPS:
+            parent = parent.cpu_parent
+        key = (parent.name if parent is not None else "(top level)",
+               str(e.input_shapes[0]) if e.input_shapes else "?")
+        found[key] = found.get(key, 0.0) + sec
+    return [(op, shape, sec) for (op, shape), sec in
+            sorted(found.items(), key=lambda kv: -kv[1])[:n] if sec > 0]
 
 
 def pipeline_job(preset: str, device: torch.device, folder: str, seconds: float = 2.0) -> dict:
@@ -436,6 +459,9 @@ def print_profiles(models: list[str], variants: list[str]) -> None:
                 print("  top kernels:")
                 for name, sec in r["top"]:
                     print(f"  {sec / r['busy_s']:6.1%}  {name[:110]}")
+                print("  copies (aten::copy_) by the op that asked for them, and the shape:")
+                for op, shape, sec in r["copies"]:
+                    print(f"  {sec / r['busy_s']:6.1%}  {op[:70]}  {shape}")
 
 
 def save(results: dict, path: str | None) -> None:

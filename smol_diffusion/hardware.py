@@ -62,6 +62,11 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> Callable:
     torch.compile needs a working compiler toolchain and a supported Python; where it cannot
     work, the failure shows at the first call. Then this warns, says why, and runs the model
     eagerly from then on, so training goes on. Errors after a successful first call are raised.
+
+    On CUDA every compiled graph lays its convolutions out channels_last. Inductor does so by
+    itself only in graphs holding forward convolutions, so the backward graph ran its
+    convolutions NCHW on the forward's channels_last activations (pytorch/pytorch#189239);
+    forced, cars64 trains 1.19x faster (bf16, batch 256, one H100: 1,888 vs 1,582 img/s).
     """
     if not enabled:
         return model
@@ -69,7 +74,9 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> Callable:
         warnings.warn("torch.compile is not supported with this Python or platform; "
                       "training without it (set compile=False to silence this)", stacklevel=2)
         return model
-    state = {"fn": torch.compile(model), "tried": False}
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    options = {"force_layout_optimization": True} if on_cuda else None
+    state = {"fn": torch.compile(model, options=options), "tried": False}
 
     def forward(*args, **kwargs):
         if state["tried"]:

@@ -1,6 +1,7 @@
 """Training: the loss falls on a few images, checkpoints round-trip, resume continues."""
 import dataclasses
 import sys
+import types
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from smol_diffusion import load_checkpoint
 from smol_diffusion.checkpoint import read_checkpoint, save_checkpoint
 from smol_diffusion.config import Config
 from smol_diffusion.data import TensorImages
+from smol_diffusion.hardware import compile_model
 from smol_diffusion.train import ema_decay_at, lr_at, parse_args
 
 
@@ -166,6 +168,23 @@ def test_compile_that_fails_warns_and_trains_eagerly(tiny_cfg, monkeypatch):
     with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
         fallback = smol_diffusion.train(cfg.override(compile=True), progress=False)
     assert fallback["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+
+
+def test_compile_lays_out_every_graphs_convolutions_channels_last_on_cuda(monkeypatch):
+    """On CUDA the compiled model forces inductor's channels_last convolutions in every graph
+    (the backward's too); elsewhere inductor keeps its defaults; and this torch knows the
+    option (torch.compile checks option names when called)."""
+    class OnCuda(torch.nn.Module):
+        def parameters(self, recurse=True):
+            yield types.SimpleNamespace(device=torch.device("cuda"))
+
+    seen = []
+    with monkeypatch.context() as m:
+        m.setattr(torch, "compile", lambda model, **kw: seen.append(kw.get("options")) or model)
+        compile_model(torch.nn.Conv2d(1, 1, 1), True)
+        compile_model(OnCuda(), True)
+    assert seen == [None, {"force_layout_optimization": True}]
+    torch.compile(torch.nn.Conv2d(1, 1, 1), options=seen[1])  # raises on an unknown option
 
 
 def test_channels_last_trains_like_contiguous(tiny_cfg):
