@@ -1,7 +1,7 @@
 """Training throughput, measured side by side in one run, against the device's own peak.
 
     python benchmarks/train_throughput.py [--models demo,cars64] [--variants fp32,bf16,...]
-                                          [--peers] [--device auto] [--json FILE]
+                                          [--peers] [--profile] [--device auto] [--json FILE]
 
 For each preset's model and each variant (fp32 or bf16 autocast, "+cl" channels_last,
 "+compile" torch.compile), the trainer itself (`smol_diffusion.train`) runs on a folder of
@@ -168,14 +168,16 @@ KERNEL_KINDS = [("conv / matmul", ("triton_tem",)),  # max-autotune's generated 
 
 
 def profile_job(preset: str, variant: str, device: torch.device, folder: str) -> dict:
-    """Where the device's time goes in training steps: a warm-up run (compilation, cuDNN's
-    algorithm search), then a profiled one; kernel time by kind, the top kernels, and the share
-    of the wall time the device was busy."""
+    """Where the device's time goes in training steps: a warm-up run of two log intervals
+    (compilation and cuDNN's algorithm search in the first; the second gives img/s unprofiled),
+    then a profiled run as long; kernel time by kind, the top kernels, the ops behind copies,
+    and the share of the wall time the device was busy."""
     from torch.profiler import ProfilerActivity, profile
     on_cuda = device.type == "cuda"
     with tempfile.TemporaryDirectory() as out:
         cfg = train_config(preset, variant, device, folder, out)
-        sd.train(cfg.override(steps=cfg.train.log_every), progress=False)
+        cfg = cfg.override(steps=2 * cfg.train.log_every)
+        img_s = sd.train(cfg, progress=False)["img_per_s"][-1]
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
         with profile(activities=activities, record_shapes=True) as prof:
             t0 = time.perf_counter()
@@ -193,6 +195,7 @@ def profile_job(preset: str, variant: str, device: torch.device, folder: str) ->
         kinds[kind] = kinds.get(kind, 0.0) + sec
     top = sorted(times.items(), key=lambda kv: -kv[1])[:12]
     return {"model": preset, "variant": variant, "steps": cfg.train.steps, "wall_s": wall,
+            "img_s": img_s, "batch": cfg.train.batch_size,
             "busy_s": sum(times.values()), "kinds": kinds, "top": top,
             "copies": copy_sources(prof.events(), on_cuda)}
 
@@ -452,8 +455,9 @@ def print_profiles(models: list[str], variants: list[str]) -> None:
                 if "error" in r:
                     print(f"\n{preset} {variant}: failed: {r['error']}")
                     continue
-                print(f"\n{preset} {variant}, {r['steps']} steps: {r['wall_s']:.2f} s wall, "
-                      f"kernels {r['busy_s']:.2f} s ({r['busy_s'] / r['wall_s']:.0%} busy)")
+                print(f"\n{preset} {variant}, {r['img_s']:,.0f} img/s unprofiled; profiled: "
+                      f"{r['steps']} steps of {r['batch']} in {r['wall_s']:.2f} s, kernels "
+                      f"{r['busy_s']:.2f} s ({r['busy_s'] / r['wall_s']:.0%} busy)")
                 for kind, sec in sorted(r["kinds"].items(), key=lambda kv: -kv[1]):
                     print(f"  {kind:38s} {sec:7.3f} s {sec / r['busy_s']:6.1%}")
                 print("  top kernels:")
