@@ -63,10 +63,12 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> Callable:
     work, the failure shows at the first call. Then this warns, says why, and runs the model
     eagerly from then on, so training goes on. Errors after a successful first call are raised.
 
-    On CUDA every compiled graph lays its convolutions out channels_last. Inductor does so by
-    itself only in graphs holding forward convolutions, so the backward graph ran its
-    convolutions NCHW on the forward's channels_last activations (pytorch/pytorch#189239);
-    forced, cars64 trains 1.19x faster (bf16, batch 256, one H100: 1,888 vs 1,582 img/s).
+    On CUDA this asks inductor to lay out the convolutions of every compiled graph
+    channels_last. By itself it does so only in graphs holding forward convolutions, so the
+    backward graph ran its convolutions NCHW on the forward's channels_last activations
+    (pytorch/pytorch#189239). Forced, cars64 trained 1.19x faster on an NVIDIA H100 (bf16,
+    batch 256: 1,888 vs 1,582 img/s, one run each, set through TORCHINDUCTOR_FORCE_LAYOUT_OPT;
+    other batches, fp32 and other models not measured); on ROCm inductor keeps it off.
     """
     if not enabled:
         return model
@@ -74,8 +76,10 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> Callable:
         warnings.warn("torch.compile is not supported with this Python or platform; "
                       "training without it (set compile=False to silence this)", stacklevel=2)
         return model
-    on_cuda = next(model.parameters()).device.type == "cuda"
-    options = {"force_layout_optimization": True} if on_cuda else None
+    p = next(model.parameters(), None)
+    force = (p is not None and p.device.type == "cuda"
+             and hasattr(torch._inductor.config, "force_layout_optimization"))
+    options = {"force_layout_optimization": True} if force else None
     state = {"fn": torch.compile(model, options=options), "tried": False}
 
     def forward(*args, **kwargs):

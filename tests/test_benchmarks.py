@@ -21,4 +21,3 @@ def test_copies_are_charged_to_the_op_that_asked_for_them():
     found = {(op, shape): sec for op, shape, sec in
              train_throughput.copy_sources(prof.events(), on_cuda=False)}
     assert set(found) == {("aten::reshape", "[512, 256]"), ("(top level)", "[512, 256]")}
-    assert all(sec > 0 for sec in found.values())
