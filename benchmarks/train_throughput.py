@@ -118,15 +118,26 @@ def slow_bf16(device: torch.device) -> bool:
     return device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+def parse_variant(variant: str) -> tuple[list[str], int | None]:
+    """("bf16+cl+compile@256") -> (["bf16", "cl", "compile"], 256); the batch is None without
+    @N. Raises ValueError on anything else."""
+    name, _, size = variant.partition("@")
+    parts = name.split("+")
+    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "compile"} \
+            or not (size or "1").isdigit():
+        raise ValueError(f"variant {variant!r}: expected fp32 or bf16, then +cl and/or "
+                         "+compile, then @N for a batch of N, e.g. bf16+compile@256")
+    return parts, int(size) if size else None
+
+
 def train_config(preset: str, variant: str, device: torch.device, folder: str,
                  out: str) -> sd.Config:
     """The preset's config for one variant ("bf16+cl+compile@256") on the synthetic folder."""
     batch, steps, log_every = PLAN[device.type][preset]
-    variant, _, size = variant.partition("@")
-    parts = variant.split("+")
-    if parts[0] == "bf16" and slow_bf16(device) and preset == "cars64" and not size:
+    parts, size = parse_variant(variant)
+    if parts[0] == "bf16" and slow_bf16(device) and preset == "cars64" and size is None:
         batch, steps, log_every = 1, 2, 1
-    batch = int(size or batch)
+    batch = batch if size is None else size
     return sd.get_preset(preset).override(
         dataset="folder", root=folder, cache_dir=str(Path(folder) / "cache"),
         batch_size=batch, steps=steps, log_every=log_every, warmup=1, sample_every=0,
@@ -358,12 +369,10 @@ def main() -> None:
     print(f"{results['machine']}; torch {torch.__version__}; {results['date']}")
     variants = (args.variants or DEFAULT_VARIANTS[device.type]).split(",")
     for v in variants:
-        name, _, size = v.partition("@")
-        parts = name.split("+")
-        if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "compile"} \
-                or not (size or "1").isdigit():
-            parser.error(f"variant {v!r}: expected fp32 or bf16, then +cl and/or +compile, "
-                         "then @N for a batch of N, e.g. bf16+compile@256")
+        try:
+            parse_variant(v)
+        except ValueError as e:
+            parser.error(str(e))
     models = [m for m in args.models.split(",") if m]  # --models "" for the peers alone
     if args.profile:
         return print_profiles(models, variants)
