@@ -56,8 +56,8 @@ def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextMana
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
-def compile_model(model: torch.nn.Module, enabled: bool) -> Callable:
-    """`model` through `torch.compile` when `enabled`, else `model` itself.
+def compile_model(model: torch.nn.Module, enabled: bool, device: torch.device) -> Callable:
+    """`model` (on `device`) through `torch.compile` when `enabled`, else `model` itself.
 
     torch.compile needs a working compiler toolchain and a supported Python; where it cannot
     work, the failure shows at the first call. Then this warns, says why, and runs the model
@@ -76,8 +76,7 @@ def compile_model(model: torch.nn.Module, enabled: bool) -> Callable:
         warnings.warn("torch.compile is not supported with this Python or platform; "
                       "training without it (set compile=False to silence this)", stacklevel=2)
         return model
-    p = next(model.parameters(), None)
-    force = (p is not None and p.device.type == "cuda"
+    force = (device.type == "cuda"
              and hasattr(torch._inductor.config, "force_layout_optimization"))
     options = {"force_layout_optimization": True} if force else None
     state = {"fn": torch.compile(model, options=options), "tried": False}

@@ -114,7 +114,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     ddp = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else model
-    net = compile_model(ddp, tc.compile)  # the training forward; `model` holds the weights
+    net = compile_model(ddp, tc.compile, device)  # the training forward; `model` holds the weights
     # one fused kernel for the whole update where PyTorch has it (CUDA, CPU), else foreach
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,

@@ -1,7 +1,6 @@
 """Training: the loss falls on a few images, checkpoints round-trip, resume continues."""
 import dataclasses
 import sys
-import types
 
 import pytest
 import torch
@@ -173,20 +172,14 @@ def test_compile_that_fails_warns_and_trains_eagerly(tiny_cfg, monkeypatch):
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="no torch.compile here")
 def test_compile_passes_force_layout_optimization_on_cuda_only(monkeypatch):
     """On CUDA compile_model asks inductor for channels_last convolutions in every graph
-    (force_layout_optimization); elsewhere, or for a model without parameters, it passes no
-    options; and this torch knows the option's name (torch.compile checks option names when
-    called). Whether inductor then lays out the backward's convolutions so was measured on a
-    GPU, not tested here."""
-    class OnCuda(torch.nn.Module):
-        def parameters(self, recurse=True):
-            yield types.SimpleNamespace(device=torch.device("cuda"))
-
+    (force_layout_optimization); elsewhere it passes no options; and this torch knows the
+    option's name (torch.compile checks option names when called). Whether inductor then lays
+    out the backward's convolutions so was measured on a GPU, not tested here."""
     seen = []
     with monkeypatch.context() as m:
         m.setattr(torch, "compile", lambda model, **kw: seen.append(kw.get("options")) or model)
-        compile_model(torch.nn.Conv2d(1, 1, 1), True)
-        compile_model(OnCuda(), True)
-        compile_model(torch.nn.Identity(), True)  # no parameters: no device to ask
+        for device in ("cpu", "cuda", "mps"):
+            compile_model(torch.nn.Conv2d(1, 1, 1), True, torch.device(device))
     assert seen == [None, {"force_layout_optimization": True}, None]
     torch.compile(torch.nn.Conv2d(1, 1, 1), options=seen[1])  # raises on an unknown option
 
