@@ -175,21 +175,28 @@ def find_images(folder: Path) -> list[Path]:
                   and p.is_file())
 
 
-def _read_annotations(mat_path: Path) -> tuple[list[str], list[int]]:
-    """File names and their classes (1-based) listed in a Stanford Cars devkit annotation file;
-    classes are 0 where the file has none."""
+def _read_devkit(mat_path: Path, read):
+    """read(the variables of a Stanford Cars devkit .mat file); a damaged file, or one without
+    what `read` looks for, raises a DatasetError naming it."""
     from scipy.io import loadmat
 
     try:
-        annotations = loadmat(str(mat_path), squeeze_me=True)["annotations"]
-        names = [str(name) for name in np.atleast_1d(annotations["fname"])]
-        fields = annotations.dtype.names or ()
-        classes = ([int(c) for c in np.atleast_1d(annotations["class"])] if "class" in fields
-                   else [0] * len(names))
-        return names, classes
+        return read(loadmat(str(mat_path), squeeze_me=True))
     except Exception as e:  # scipy raises several kinds on a damaged file
-        raise DatasetError(f"could not read the annotation file {mat_path}: {e}. "
+        raise DatasetError(f"could not read the devkit file {mat_path}: {e}. "
                            "Download it again.") from e
+
+
+def _read_annotations(mat_path: Path) -> tuple[list[str], list[int]]:
+    """File names and their classes (1-based) listed in a Stanford Cars devkit annotation file;
+    classes are 0 where the file has none."""
+    def read(variables: dict) -> tuple[list[str], list[int]]:
+        annotations = variables["annotations"]
+        names = [str(name) for name in np.atleast_1d(annotations["fname"])]
+        if "class" not in (annotations.dtype.names or ()):
+            return names, [0] * len(names)
+        return names, [int(c) for c in np.atleast_1d(annotations["class"])]
+    return _read_devkit(mat_path, read)
 
 
 def stanford_cars_labels(root: Path, paths: list[Path]) -> tuple[list[int], list[str]] | None:
@@ -210,8 +217,7 @@ def stanford_cars_labels(root: Path, paths: list[Path]) -> tuple[list[int], list
     n = max(labels) + 1
     classes = [f"class {i + 1}" for i in range(n)]
     if meta.exists():
-        from scipy.io import loadmat
-        names = [str(c) for c in np.atleast_1d(loadmat(str(meta), squeeze_me=True)["class_names"])]
+        names = _read_devkit(meta, lambda v: [str(c) for c in np.atleast_1d(v["class_names"])])
         classes = names + classes[len(names):]
     return labels, classes
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import smol_diffusion
 from smol_diffusion import DataConfig, ModelConfig, NoiseSchedule, UNet, sample
-from smol_diffusion.data import make_dataset
+from smol_diffusion.data import DatasetError, make_dataset
 from smol_diffusion.evaluate import evaluate
 from smol_diffusion.features import Extractor
 from smol_diffusion.sample import parse_labels
@@ -95,13 +95,18 @@ def test_labels_of_each_dataset(tmp_path):
 
 def test_stanford_cars_labels_and_names_from_the_devkit(torchvision_layout):
     names = np.array(["AM General Hummer SUV 2000", "BMW M3 Coupe 2012"], dtype=object)
-    savemat(str(torchvision_layout / "stanford_cars" / "devkit" / "cars_meta.mat"),
-            {"class_names": names.reshape(1, -1)})
+    meta = torchvision_layout / "stanford_cars" / "devkit" / "cars_meta.mat"
+    savemat(str(meta), {"class_names": names.reshape(1, -1)})
     cars = make_dataset(DataConfig(dataset="cars", root=str(torchvision_layout),
                                    cache_dir=str(torchvision_layout / "cache")), 8, 3,
                         progress=False)
     assert cars.labels.tolist() == [0, 1, 0, 0]  # the fixture's classes: 1, 2, 1; test: 1
     assert cars.classes == list(names)
+    meta.write_bytes(b"junk")  # a damaged class-name file is named, not a scipy traceback
+    with pytest.raises(DatasetError, match="could not read the devkit file .*cars_meta.mat"):
+        make_dataset(DataConfig(dataset="cars", root=str(torchvision_layout),
+                                cache_dir=str(torchvision_layout / "cache")), 8, 3,
+                     progress=False)
 
 
 def test_conditional_training_and_guided_samples(tiny_cfg):
