@@ -5,7 +5,11 @@
 #    torch.compile), samples, checkpoints and resumes the cars64 model on synthetic 64x64
 #    images, runs every sampler and the evaluation on it;
 # 2. train_throughput.py for cars64: img/s, MFU against the matmul peak measured in the same
-#    run, peak memory, the input pipeline's rate, and the original's 6.1M images in hours.
+#    run, peak memory, the input pipeline's rate, and the original's 6.1M images in hours;
+# 3. where the fastest variant's time goes (--profile: kernel time by kind, the top kernels,
+#    the ops behind copies): what stands between its MFU and the peak.
+# On a fresh machine each torch.compile of cars64 takes one to two minutes (the e2e run's, and
+# batch 256's in step 2); the profile reuses step 2's compiled code from inductor's cache.
 # The log is kept under benchmarks/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +19,8 @@ log=${1:-benchmarks/gpu_check_$(date +%Y-%m-%d).log}
   PYTHONUNBUFFERED=1 timeout 230 python3 benchmarks/gpu_check.py
   # each step over fp32 in turn, then a larger batch (bf16+compile at 64 reuses the compile
   # cache of the end-to-end run above)
-  PYTHONUNBUFFERED=1 timeout 230 python3 benchmarks/train_throughput.py --models cars64 \
+  PYTHONUNBUFFERED=1 timeout 260 python3 benchmarks/train_throughput.py --models cars64 \
     --variants fp32,bf16,bf16+cl,bf16+compile,bf16+compile@256 --json "${log%.log}.json"
+  PYTHONUNBUFFERED=1 timeout 120 python3 benchmarks/train_throughput.py --models cars64 \
+    --variants bf16+compile@256 --profile
 } 2>&1 | tee "$log"
