@@ -1,14 +1,18 @@
 """The benchmark scripts' own logic (their timings are never asserted)."""
-import importlib.util
+import sys
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
 
-_spec = importlib.util.spec_from_file_location(
-    "train_throughput", Path(__file__).resolve().parents[1] / "benchmarks/train_throughput.py")
-train_throughput = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(train_throughput)
+import smol_diffusion as sd
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as they do when run
+import layout_cpu  # noqa: E402
+import train_throughput  # noqa: E402
 
 
 def test_copies_are_charged_to_the_op_that_asked_for_them():
@@ -21,3 +25,16 @@ def test_copies_are_charged_to_the_op_that_asked_for_them():
     found = {(op, shape): sec for op, shape, sec in
              train_throughput.copy_sources(prof.events(), on_cuda=False)}
     assert set(found) == {("aten::reshape", "[512, 256]"), ("(top level)", "[512, 256]")}
+
+
+def test_layout_cpu_times_every_convolution_and_group_norm_the_network_runs():
+    """The layers layout_cpu.py times are those a forward pass runs: its convolutions' FLOPs
+    add up to what torch's FLOP counter counts for them, and every GroupNorm is there."""
+    found = layout_cpu.layers("demo", 2)
+    model = sd.UNet(sd.get_preset("demo").model)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+    conv_flops = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
+    assert sum(f for m, _, f in found if isinstance(m, nn.Conv2d)) == conv_flops
+    assert sum(isinstance(m, nn.GroupNorm) for m, _, _ in found) == \
+        sum(isinstance(m, nn.GroupNorm) for m in model.modules())
