@@ -299,12 +299,17 @@ def main(argv: list[str] | None = None) -> None:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
         metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
         scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
+        extractor = args.extractor
+        if len(scales) > 1 and set(metrics or SAMPLE_METRICS) & set(SAMPLE_METRICS):
+            # one extractor for every scale: loading or training it takes seconds
+            extractor = get_extractor(args.extractor, ckpt.config, args.cache_dir,
+                                      args.inception_weights, next(ckpt.model.parameters()).device)
         rows = []
         for j, g in enumerate(scales):  # bits/dim does not depend on the guidance: once
-            wanted = metrics or default_metrics(ckpt.config, args.extractor, g)
+            wanted = metrics or default_metrics(ckpt.config, extractor, g)
             rows += evaluate(
                 ckpt, args.n, metrics=tuple(m for m in wanted if m != "bpd" or j == 0),
-                extractor=args.extractor, sampler=args.sampler, steps=args.steps,
+                extractor=extractor, sampler=args.sampler, steps=args.steps,
                 spacing=args.spacing, real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
                 seed=args.seed, cache_dir=args.cache_dir,
                 inception_weights=args.inception_weights, guidance=g)

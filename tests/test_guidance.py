@@ -1,5 +1,8 @@
 """Class-conditional models and classifier-free guidance (Ho & Salimans 2022): the guided
 output's limits, label errors, the labels of each dataset, and conditional training."""
+import importlib
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +17,9 @@ from smol_diffusion.evaluate import evaluate
 from smol_diffusion.features import Extractor
 from smol_diffusion.sample import parse_labels
 from smol_diffusion.samplers import guided
+
+# the module (the package's attribute smol_diffusion.evaluate is the function)
+evaluate_module = importlib.import_module("smol_diffusion.evaluate")
 
 
 def conditional_unet(num_classes: int = 3) -> UNet:
@@ -143,3 +149,23 @@ def test_class_match_counts_samples_of_the_class_asked_for(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="class_match scores samples drawn with guidance"):
         evaluate(ckpt, 20, metrics=("class_match",), extractor=ext, progress=False,
                  cache_dir=tmp_path / "cache")
+
+
+def test_evaluate_cli_builds_one_extractor_for_all_guidance_scales(tiny_cfg, tmp_path,
+                                                                   monkeypatch, capsys):
+    cfg = tiny_cfg.override(num_classes=10, steps=2, sample_n=0, checkpoint_every=0)
+    smol_diffusion.train(cfg, progress=False)
+    built = []
+
+    def get_extractor(*args):
+        built.append(args)
+        return Extractor("digits", "const", ConstantClassifier(), torch.device("cpu"))
+    monkeypatch.setattr(evaluate_module, "get_extractor", get_extractor)
+    out = tmp_path / "eval.json"
+    evaluate_module.main(["--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
+                          "--steps", "2", "--metrics", "class_match", "--guidance", "1,2",
+                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert len(built) == 1
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["metric"], r["guidance"]) for r in rows] == [("class_match", 1.0),
+                                                            ("class_match", 2.0)]
