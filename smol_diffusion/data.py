@@ -305,7 +305,7 @@ def mnist_5k_split(labels: np.ndarray, split: str) -> np.ndarray:
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"split must be 'train', 'test' or 'all', got {split!r}")
+        raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}; got {split!r}")
 
 
 def mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:

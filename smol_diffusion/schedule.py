@@ -109,7 +109,8 @@ class NoiseSchedule:
     def from_name(cls, name: str, T: int, zero_terminal_snr: bool = False) -> NoiseSchedule:
         """`linear` or `cosine` with T steps, rescaled to zero terminal SNR if asked."""
         if name not in SCHEDULES:
-            raise ValueError(f"unknown schedule {name!r}: use 'linear' or 'cosine'")
+            raise ValueError(f"unknown schedule {name!r}: use one of "
+                             f"{', '.join(map(repr, SCHEDULES))}")
         schedule = getattr(cls, name)(T)
         return schedule.rescale_zero_terminal_snr() if zero_terminal_snr else schedule
 
