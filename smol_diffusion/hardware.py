@@ -62,6 +62,8 @@ def compile_model(model: torch.nn.Module, enabled: bool, device: torch.device) -
     torch.compile needs a working compiler toolchain and a supported Python; where it cannot
     work, the failure shows at the first call. Then this warns, says why, and runs the model
     eagerly from then on, so training goes on. Errors after a successful first call are raised.
+    The first call compiles the backward graph too (AOTAutograd otherwise leaves that to the
+    first backward pass, beyond this fallback's reach).
 
     On CUDA this asks inductor to lay out the convolutions of every compiled graph
     channels_last. By itself it does so only in graphs holding forward convolutions, so the
@@ -80,12 +82,17 @@ def compile_model(model: torch.nn.Module, enabled: bool, device: torch.device) -
              and hasattr(torch._inductor.config, "force_layout_optimization"))
     options = {"force_layout_optimization": True} if force else None
     state = {"fn": torch.compile(model, options=options), "tried": False}
+    config = torch._functorch.config
+    backward_now = (config.patch(force_non_lazy_backward_lowering=True)
+                    if hasattr(config, "force_non_lazy_backward_lowering")
+                    else contextlib.nullcontext())
 
     def forward(*args, **kwargs):
         if state["tried"]:
             return state["fn"](*args, **kwargs)
         try:
-            out = state["fn"](*args, **kwargs)
+            with backward_now:
+                out = state["fn"](*args, **kwargs)
         except Exception as e:  # the compiler's many failure types: a toolchain, a Python
             torch._dynamo.reset()
             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); "

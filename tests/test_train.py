@@ -170,6 +170,26 @@ def test_compile_that_fails_warns_and_trains_eagerly(tiny_cfg, monkeypatch):
 
 
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="no torch.compile here")
+def test_compile_that_fails_in_the_backward_warns_and_trains_eagerly(tiny_cfg, monkeypatch):
+    """A compiler that lowers the forward graph but fails on the backward: the failure shows
+    in the first call (not in the first loss.backward()), and training goes on eagerly."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.debugging import boxed_nop
+
+    def no_backward(graph, example_inputs):
+        raise RuntimeError("cannot lower the backward graph")
+    backend = aot_autograd(fw_compiler=boxed_nop, bw_compiler=no_backward)
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile",
+                        lambda model, **kwargs: real_compile(model, backend=backend))
+    cfg = _speed_cfg(tiny_cfg)
+    eager = smol_diffusion.train(cfg, progress=False)
+    with pytest.warns(UserWarning, match="(?s)torch.compile failed.*cannot lower the backward"):
+        fallback = smol_diffusion.train(cfg.override(compile=True), progress=False)
+    assert fallback["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+
+
+@pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="no torch.compile here")
 def test_compile_passes_force_layout_optimization_on_cuda_only(monkeypatch):
     """On CUDA compile_model asks inductor for channels_last convolutions in every graph
     (force_layout_optimization); elsewhere it passes no options; and this torch knows the
