@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, ModelConfig
+from .config import Config, DiffusionConfig, ModelConfig
 from .hardware import pick_device
 from .samplers import sample
 from .schedule import NoiseSchedule
@@ -54,16 +54,27 @@ def read_checkpoint(path: str | Path) -> dict:
     return state
 
 
+# The diffusion fields that define what the network learns; the sampling ones may change.
+OBJECTIVE_FIELDS = ("T", "schedule", "zero_terminal_snr", "prediction", "min_snr_gamma")
+
+
 def check_same_model(state: dict, cfg: Config, path: str | Path) -> None:
-    """Raise if the checkpoint's model config differs from `cfg.model`, naming the fields. A
-    field that an older checkpoint lacks counts as its default (what that version built)."""
-    stored = dataclasses.asdict(ModelConfig()) | state["config"]["model"]
-    wanted = dataclasses.asdict(cfg.model)
-    diff = {k: (stored.get(k), v) for k, v in wanted.items() if stored.get(k) != v}
-    if diff:
-        lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"checkpoint {path} holds another architecture ({lines}); resume with "
-                         "the checkpoint's own model settings or start a new run")
+    """Raise if the checkpoint's model config, or the diffusion fields it was trained for
+    (OBJECTIVE_FIELDS), differ from `cfg`, naming the fields: resuming would silently train
+    another network or another task. A field an older checkpoint lacks counts as its default
+    (what that version used)."""
+    for section, default, fields, what in (
+            ("model", ModelConfig(), None, "holds another architecture"),
+            ("diffusion", DiffusionConfig(), OBJECTIVE_FIELDS, "was trained for another task")):
+        stored = dataclasses.asdict(default) | state["config"].get(section, {})
+        wanted = dataclasses.asdict(getattr(cfg, section))
+        diff = {k: (stored.get(k), v) for k, v in wanted.items()
+                if (fields is None or k in fields) and stored.get(k) != v}
+        if diff:
+            lines = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}"
+                              for k, (a, b) in diff.items())
+            raise ValueError(f"checkpoint {path} {what} ({lines}); resume with the "
+                             "checkpoint's own settings or start a new run")
 
 
 def load_weights(model: torch.nn.Module, weights: dict, path: str | Path) -> None:

@@ -126,6 +126,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
         load_weights(model, state["model"], tc.resume)
         load_weights(ema, state["ema"], tc.resume)
         opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:  # the config's weight decay (the lr is set each step)
+            group["weight_decay"] = tc.weight_decay
         step, history = int(state["step"]), history | state.get("history", {})
 
     out_dir = Path(tc.out_dir)

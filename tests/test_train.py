@@ -72,12 +72,24 @@ def test_a_checkpoint_from_before_a_model_field_existed_resumes(tiny_cfg, tmp_pa
     assert resumed["step"][-1] == 7
 
 
-def test_resume_with_another_architecture_is_refused(tiny_cfg, tmp_path):
+def test_resume_with_another_architecture_or_objective_is_refused(tiny_cfg, tmp_path):
     smol_diffusion.train(tiny_cfg.override(steps=5, sample_n=0), progress=False)
     other = tiny_cfg.override(channels=32, steps=10, resume=str(tmp_path / "run" / "ckpt.pt"))
     with pytest.raises(ValueError, match="another architecture.*channels: checkpoint 16 vs "
                                          "config 32"):
         smol_diffusion.train(other, progress=False)
+    # the same network asked to learn v instead of eps; the sampler may change freely
+    v = tiny_cfg.override(prediction="v", steps=10, resume=str(tmp_path / "run" / "ckpt.pt"))
+    with pytest.raises(ValueError, match="another task.*prediction: checkpoint 'eps' vs "
+                                         "config 'v'"):
+        smol_diffusion.train(v, progress=False)
+    # ... and so may the optimisation: the resumed run uses the config's weight decay
+    resumed = smol_diffusion.train(tiny_cfg.override(
+        sampler="ddim", sample_steps=3, weight_decay=0.05, steps=6, sample_n=0,
+        resume=str(tmp_path / "run" / "ckpt.pt")), progress=False)
+    assert resumed["step"][-1] == 6
+    groups = read_checkpoint(tmp_path / "run" / "ckpt.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.05]
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
