@@ -81,6 +81,9 @@ def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     target (Hang et al. 2023, Sec. 3.4), SNR_t = alpha_bar_t / (1 - alpha_bar_t): the weight
     on the x0 error is min(SNR_t, gamma), which is min(SNR_t, gamma) / SNR_t on the eps error
     and min(SNR_t, gamma) / (SNR_t + 1) on the v error; the nearly clean timesteps count less.
+    Where SNR_t = 0 (the last step of a zero-terminal-SNR schedule) those weights are 0, which
+    would leave untrained the very step that schedule exists for, so it gets weight 1 there
+    (as diffusers' training scripts do).
 
     t and noise are drawn here unless given; `y` (B,) are class labels for a conditional model.
     """
@@ -97,4 +100,5 @@ def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     snr = (ab / (1 - ab)).flatten()  # (B,)
     clipped = snr.clamp(max=min_snr_gamma)
     weight = {"eps": clipped / snr, "x0": clipped, "v": clipped / (snr + 1)}[prediction]
+    weight = torch.where(snr == 0, 1.0, weight)  # (B,)
     return (weight * (out.float() - goal).pow(2).mean(dim=(1, 2, 3))).mean()

@@ -92,3 +92,15 @@ def test_zero_terminal_snr_needs_v_or_x0():
     DiffusionConfig(zero_terminal_snr=True, prediction="v")
     with pytest.raises(ValueError, match="sampler must be one of"):
         DiffusionConfig(sampler="euler")
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+def test_min_snr_trains_the_last_step_of_a_zero_terminal_snr_schedule(prediction):
+    """At SNR = 0, Min-SNR's x0 and v weights are 0; that step keeps weight 1 (unweighted)."""
+    schedule = NoiseSchedule.linear(1000).rescale_zero_terminal_snr()
+    x0 = torch.rand(4, 1, 4, 4) * 2 - 1
+    t, noise = torch.full((4,), 999), torch.randn_like(x0)
+    kw = dict(prediction=prediction, t=t, noise=noise)
+    weighted = simple_loss(Recorder(), schedule, x0, min_snr_gamma=5.0, **kw)
+    assert weighted.item() > 0
+    assert weighted.item() == pytest.approx(simple_loss(Recorder(), schedule, x0, **kw).item())
