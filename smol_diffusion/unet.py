@@ -26,8 +26,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 def group_norm(channels: int) -> nn.GroupNorm:
     """GroupNorm with 32 groups (Wu & He 2018), fewer for narrow layers: at least 4 channels a
-    group, so a 32-channel layer is not normalised channel by channel."""
-    return nn.GroupNorm(math.gcd(32, max(1, channels // 4)), channels)
+    group, so a 32-channel layer is not normalised channel by channel; a number of groups that
+    divides `channels` (18 channels: 2 groups)."""
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 4), channels), channels)
 
 
 def zero_init(module: nn.Module) -> nn.Module:

@@ -18,6 +18,7 @@ SMALL = ModelConfig(image_size=16, in_channels=3, channels=16, channel_mults=(1,
     ({"channel_mults": (1, 2, 2), "attn_resolutions": (4,)}, 12),
     ({"num_res_blocks": 2, "heads": 4, "dropout": 0.1}, 32),
     ({"in_channels": 3, "out_channels": 6}, 8),
+    ({"channels": 18}, 16),  # a width that is not a multiple of 4: GroupNorm's groups divide it
 ])
 def test_output_shape(changes, size):
     cfg = dataclasses.replace(SMALL, **changes)
