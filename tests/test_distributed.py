@@ -69,10 +69,14 @@ def test_resume_a_two_process_checkpoint_in_one_process(one_process, tmp_path):
     assert_same_weights(torch.load(out / "ckpt.pt", weights_only=True), state)
 
 
-def test_a_batch_that_does_not_split_is_refused(tiny_cfg):
+def test_bad_training_settings_are_refused(tiny_cfg):
     with pytest.raises(ValueError, match="batch_size 16 does not split into 1 processes x 3"):
         smol_diffusion.train(tiny_cfg.override(grad_accum=3), progress=False)
     with pytest.raises(ValueError, match="grad_accum must be at least 1"):
         smol_diffusion.train(tiny_cfg.override(grad_accum=0), progress=False)
     with pytest.raises(ValueError, match="seed must be 0 or more, got -1"):
         smol_diffusion.train(tiny_cfg.override(seed=-1), progress=False)
+    with pytest.raises(ValueError, match="log_every must be at least 1 \\(got 0\\)"):
+        smol_diffusion.train(tiny_cfg.override(log_every=0), progress=False)
+    with pytest.raises(ValueError, match="grad_clip above 0 \\(got 0"):
+        smol_diffusion.train(tiny_cfg.override(grad_clip=0.0), progress=False)
