@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The prepared check for a lent CUDA GPU, in under 8 minutes:
+# The prepared check for a lent CUDA GPU, about 8 minutes on a fresh machine (its three parts
+# are capped at 230, 260 and 120 s, so that one slow compile cannot cost the rest):
 #   bash benchmarks/gpu_check.sh [LOG]
 # 1. gpu_check.py: checks that attention runs on SDPA's fused kernels; trains (bf16 +
 #    torch.compile), samples, checkpoints and resumes the cars64 model on synthetic 64x64

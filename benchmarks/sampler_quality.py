@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 from smol_diffusion import load_checkpoint  # noqa: E402
 from smol_diffusion.evaluate import evaluate  # noqa: E402
+from smol_diffusion.samplers import SAMPLERS  # noqa: E402
 from smol_diffusion.schedule import SPACINGS  # noqa: E402
 
 matplotlib.use("Agg")
@@ -50,7 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="checkpoints/demo/ckpt.pt")
     parser.add_argument("--n", type=int, default=1000, help="samples per row")
-    parser.add_argument("--samplers", default="ddpm,ddim,dpm++2m,dpm++3m")
+    parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--nfe", default="5,10,15,20,50,100")
     parser.add_argument("--reference", default="ddpm:1000", help="sampler:NFE of the baseline")
     parser.add_argument("--spacing", default="trailing", choices=SPACINGS)

@@ -86,6 +86,6 @@ def plot_loss(history: dict, ax: plt.Axes | None = None) -> plt.Axes:
     ax.plot(history["step"], history["loss"])
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (MSE on eps)")
+    ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     return ax
