@@ -5,9 +5,11 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 import smol_diffusion as sd
+from smol_diffusion.unet import Attention
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as they do when run
@@ -38,3 +40,19 @@ def test_layout_cpu_times_every_convolution_and_group_norm_the_network_runs():
     assert sum(f for m, _, f in found if isinstance(m, nn.Conv2d)) == conv_flops
     assert sum(isinstance(m, nn.GroupNorm) for m, _, _ in found) == \
         sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+
+
+def test_attention_flops_count_on_the_cpu_as_on_cuda():
+    """The benchmark's FLOP count includes SDPA's CPU kernel, with the formulas torch uses for
+    its CUDA kernels (forward: two matmuls; backward: five, scores recomputed); torch alone
+    counts it as 0 on a CPU."""
+    attn, x = Attention(64, 4), torch.randn(2, 64, 8, 8)
+    per_image = train_throughput.flops_per_image(attn, 2, (64, 8, 8), torch.device("cpu"),
+                                                 call=lambda x, t: attn(x))
+    with FlopCounterMode(display=False) as counter:  # everything but attention's core
+        attn(x.requires_grad_()).pow(2).mean().backward()
+    counts = counter.get_flop_counts()["Global"]
+    rest = sum(v for op, v in counts.items() if "scaled_dot_product" not in str(op))
+    q = (2, 4, 64, 16)  # (B, heads, H*W, C/heads)
+    core = flop_counter.sdpa_flop_count(q, q, q) + flop_counter.sdpa_backward_flop_count(q, q, q, q)
+    assert per_image * 2 == rest + core
