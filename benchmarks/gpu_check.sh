@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The prepared check for a lent CUDA GPU, about 8 minutes on a fresh machine (its three parts
-# are capped at 230, 260 and 120 s, so that one slow compile cannot cost the rest):
+# The prepared check for a lent CUDA GPU: about 8 minutes expected on a fresh machine, at most
+# 10 (its three parts are capped at 230, 260 and 120 s, so that one slow compile cannot cost the
+# rest; the closing profile has not yet run on a GPU):
 #   bash benchmarks/gpu_check.sh [LOG]
 # 1. gpu_check.py: checks that attention runs on SDPA's fused kernels; trains (bf16 +
 #    torch.compile), samples, checkpoints and resumes the cars64 model on synthetic 64x64

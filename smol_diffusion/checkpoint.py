@@ -54,8 +54,9 @@ def read_checkpoint(path: str | Path) -> dict:
     return state
 
 
-# The diffusion fields that define what the network learns; the sampling ones may change.
-OBJECTIVE_FIELDS = ("T", "schedule", "zero_terminal_snr", "prediction", "min_snr_gamma")
+# The diffusion fields that define what the network learns (the forward process and the
+# target); the loss weighting (min_snr_gamma) and the sampling ones may change.
+OBJECTIVE_FIELDS = ("T", "schedule", "zero_terminal_snr", "prediction")
 
 
 def check_same_model(state: dict, cfg: Config, path: str | Path) -> None:

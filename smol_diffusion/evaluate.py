@@ -300,7 +300,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
         scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
         extractor = args.extractor
-        if len(scales) > 1 and set(metrics or SAMPLE_METRICS) & set(SAMPLE_METRICS):
+        if len(scales) > 1 and ckpt.config.model.num_classes \
+                and set(metrics or SAMPLE_METRICS) & set(SAMPLE_METRICS):
             # one extractor for every scale: loading or training it takes seconds
             extractor = get_extractor(args.extractor, ckpt.config, args.cache_dir,
                                       args.inception_weights, next(ckpt.model.parameters()).device)

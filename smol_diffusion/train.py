@@ -70,9 +70,11 @@ def train(cfg: Config, progress: bool = True) -> dict:
                          f"label_dropout in [0, 1] (got {tc.label_dropout})")
     if tc.seed < 0:
         raise ValueError(f"seed must be 0 or more, got {tc.seed}")
-    if tc.log_every < 1 or not tc.grad_clip > 0:
-        raise ValueError(f"log_every must be at least 1 (got {tc.log_every}) and grad_clip above "
-                         f"0 (got {tc.grad_clip}; grad_clip=float('inf') turns clipping off)")
+    if tc.log_every < 1:
+        raise ValueError(f"log_every must be at least 1, got {tc.log_every}")
+    if not tc.grad_clip > 0:
+        raise ValueError(f"grad_clip must be above 0, got {tc.grad_clip} "
+                         "(grad_clip=float('inf') turns clipping off)")
     if tc.batch_size % (world * tc.grad_accum):
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} processes x "
                          f"{tc.grad_accum} accumulation steps; make it a multiple of "

@@ -76,7 +76,7 @@ def test_bad_training_settings_are_refused(tiny_cfg):
         smol_diffusion.train(tiny_cfg.override(grad_accum=0), progress=False)
     with pytest.raises(ValueError, match="seed must be 0 or more, got -1"):
         smol_diffusion.train(tiny_cfg.override(seed=-1), progress=False)
-    with pytest.raises(ValueError, match="log_every must be at least 1 \\(got 0\\)"):
+    with pytest.raises(ValueError, match="log_every must be at least 1, got 0"):
         smol_diffusion.train(tiny_cfg.override(log_every=0), progress=False)
-    with pytest.raises(ValueError, match="grad_clip above 0 \\(got 0"):
+    with pytest.raises(ValueError, match="grad_clip must be above 0, got 0.0"):
         smol_diffusion.train(tiny_cfg.override(grad_clip=0.0), progress=False)
