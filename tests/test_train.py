@@ -167,6 +167,16 @@ def test_compile_trains_exactly_like_eager(tiny_cfg):
     assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
 
 
+def _assert_compile_falls_back_to_eager(tiny_cfg, warning: str) -> None:
+    """With the (broken) torch.compile in place, compile=True warns with `warning` and trains
+    exactly like compile=False."""
+    cfg = _speed_cfg(tiny_cfg)
+    eager = smol_diffusion.train(cfg, progress=False)
+    with pytest.warns(UserWarning, match=warning):
+        fallback = smol_diffusion.train(cfg.override(compile=True), progress=False)
+    assert fallback["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+
+
 def test_compile_that_fails_warns_and_trains_eagerly(tiny_cfg, monkeypatch):
     def broken_compile(model, **kwargs):
         def run(*args):
@@ -174,11 +184,7 @@ def test_compile_that_fails_warns_and_trains_eagerly(tiny_cfg, monkeypatch):
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    cfg = _speed_cfg(tiny_cfg)
-    eager = smol_diffusion.train(cfg, progress=False)
-    with pytest.warns(UserWarning, match="torch.compile failed.*no C\\+\\+ compiler"):
-        fallback = smol_diffusion.train(cfg.override(compile=True), progress=False)
-    assert fallback["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+    _assert_compile_falls_back_to_eager(tiny_cfg, "torch.compile failed.*no C\\+\\+ compiler")
 
 
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="no torch.compile here")
@@ -194,11 +200,8 @@ def test_compile_that_fails_in_the_backward_warns_and_trains_eagerly(tiny_cfg, m
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile",
                         lambda model, **kwargs: real_compile(model, backend=backend))
-    cfg = _speed_cfg(tiny_cfg)
-    eager = smol_diffusion.train(cfg, progress=False)
-    with pytest.warns(UserWarning, match="(?s)torch.compile failed.*cannot lower the backward"):
-        fallback = smol_diffusion.train(cfg.override(compile=True), progress=False)
-    assert fallback["loss"] == pytest.approx(eager["loss"], rel=1e-6)
+    _assert_compile_falls_back_to_eager(tiny_cfg,
+                                        "(?s)torch.compile failed.*cannot lower the backward")
 
 
 @pytest.mark.skipif(not torch._dynamo.is_dynamo_supported(), reason="no torch.compile here")
