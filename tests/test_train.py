@@ -1,5 +1,6 @@
 """Training: the loss falls on a few images, checkpoints round-trip, resume continues."""
 import dataclasses
+import os
 import sys
 
 import pytest
@@ -131,6 +132,13 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert list(tmp_path.iterdir()) == [path]
+    # readable as any file the user writes (mkstemp alone would make it owner-only)
+    umask = os.umask(0o022)
+    try:
+        save_checkpoint(path, {"step": 3})
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_schedules():
