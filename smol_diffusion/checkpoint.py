@@ -110,8 +110,8 @@ class Checkpoint:
         m, d = self.config.model, self.config.diffusion
         for name in ("sampler", "spacing", "variance", "prediction"):
             kwargs.setdefault(name, getattr(d, name))
-        if kwargs.get("timesteps") is None:
-            steps = steps or d.sample_steps
+        if kwargs.get("timesteps") is None and steps is None:
+            steps = d.sample_steps
         return sample(self.model, self.schedule, (n, m.in_channels, m.image_size, m.image_size),
                       steps=steps, generator=generator, **kwargs)
 

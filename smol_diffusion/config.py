@@ -57,6 +57,12 @@ class DiffusionConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}; got "
                                  f"{getattr(self, name)!r}")
+        if self.T < 1 or not 1 <= self.sample_steps <= self.T:
+            raise ValueError(f"T must be at least 1 and sample_steps in [1, T]; got T={self.T}, "
+                             f"sample_steps={self.sample_steps}")
+        if self.min_snr_gamma is not None and not self.min_snr_gamma > 0:
+            raise ValueError(f"min_snr_gamma must be above 0 (5 is usual), or None for "
+                             f"L_simple; got {self.min_snr_gamma}")
         if self.zero_terminal_snr and self.prediction == "eps":
             raise ValueError("with zero_terminal_snr the last step holds no signal, so eps "
                              "cannot be turned into x0 there; use prediction='v' (Lin et al. "
@@ -97,7 +103,7 @@ class TrainConfig:
     seed: int = 0  # seeds the weights, the data order and the noise
     log_every: int = 100  # steps between loss readings (each one synchronises the device)
     sample_every: int = 5000  # steps between sample grids (0: only at the end)
-    sample_n: int = 64  # images in a sample grid
+    sample_n: int = 64  # images in a sample grid (0: no grids)
     checkpoint_every: int = 5000  # steps between checkpoints (0: only at the end)
     eval_every: int = 0  # steps between evaluations of the EMA model (0: never)
     eval_n: int = 500  # samples per evaluation (FID, KID and, on digits, recognisability)
@@ -116,21 +122,27 @@ class Config:
 
     def override(self, **changes) -> Config:
         """A copy with fields replaced, e.g. `cfg.override(lr=1e-4, steps=2000)`."""
-        parts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        by_section = {f.name: {} for f in dataclasses.fields(self)}
         for name, value in changes.items():
             owner = field_owner(name)
             if owner is None:
                 raise ValueError(f"unknown config field {name!r}; fields are: "
                                  f"{', '.join(sorted(all_fields()))}")
-            parts[owner] = dataclasses.replace(parts[owner], **{name: value})
-        return Config(**parts)
+            by_section[owner][name] = value
+        # one replace a section, so fields checked together (T, sample_steps) change together
+        return Config(**{k: dataclasses.replace(getattr(self, k), **v)
+                         for k, v in by_section.items()})
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:
-        """Rebuild a config from `dataclasses.asdict(config)` (as stored in checkpoints)."""
+        """Rebuild a config from `dataclasses.asdict(config)` (as stored in checkpoints); a
+        field it lacks takes its default."""
         unknown = set(d) - set(_SECTIONS)
+        unknown |= {f"{k}.{name}" for k, v in d.items() if k in _SECTIONS
+                    for name in set(v) - {f.name for f in dataclasses.fields(_SECTIONS[k])}}
         if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}")
+            raise ValueError(f"unknown config fields {sorted(unknown)} (written by another "
+                             "version of smol_diffusion?)")
         return cls(**{k: _SECTIONS[k](**v) for k, v in d.items()})
 
 

@@ -336,6 +336,10 @@ def make_dataset(cfg: DataConfig, image_size: int, channels: int,
         paths = stanford_cars_files(root, cfg.split)
         labelled = stanford_cars_labels(root, paths)
     elif cfg.dataset == "folder":
+        _check_split(cfg.split)
+        if cfg.split == "test":
+            raise ValueError(f"an image folder has no test split: every image under {root} "
+                             "is for training; set split to 'all' (or 'train', the same)")
         if not root.is_dir():
             raise DatasetError(f"image folder {root} does not exist; set root to a folder "
                                "holding your images (any sub-folders are searched)")

@@ -54,8 +54,10 @@ def _default_extractor(cfg: Config) -> str:
 
 
 def _held_out_split(cfg: Config) -> str:
-    """The test split when the model trained on the train split, else its own split."""
-    return "test" if cfg.data.split == "train" else cfg.data.split
+    """The test split when the model trained on the train split of a dataset that has one (the
+    digits, Stanford Cars; not an image folder), else its own split."""
+    held_out = cfg.data.split == "train" and cfg.data.dataset != "folder"
+    return "test" if held_out else cfg.data.split
 
 
 def _dataset(cfg: Config, split: str | None = None):
@@ -170,8 +172,8 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     in for the samples, giving the floor each metric can reach at that n (held-out images
     when the model trained on the train split and the test split has n, else training images,
     which the reference statistics also hold). bpd is the variational bound on bpd_n held-out
-    images (the test split, when the model trained on the train split), with the checkpoint's
-    reverse variance.
+    images (the test split, when the model trained on the train split of the digits or Stanford
+    Cars; otherwise images of its own split), with the checkpoint's reverse variance.
 
     With `guidance`, a class-conditional model draws its samples asking for each class in turn
     at that classifier-free guidance scale (without, it samples unconditionally), and
@@ -179,15 +181,17 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     """
     if guidance is not None and not ckpt.config.model.num_classes:
         raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
+    if guidance is not None and real:
+        raise ValueError("real images are scored as they are, with no guidance: drop guidance")
     metrics = metrics or default_metrics(ckpt.config, extractor, guidance)
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
-    if n < 2:
-        raise ValueError(f"n must be at least 2, got {n}")
+    if n < 2 or batch_size < 1:
+        raise ValueError(f"n must be at least 2 and batch_size at least 1; got {n}, {batch_size}")
     cfg, device = ckpt.config, next(ckpt.model.parameters()).device
     sampler, spacing = sampler or cfg.diffusion.sampler, spacing or cfg.diffusion.spacing
-    steps = steps or cfg.diffusion.sample_steps
+    steps = cfg.diffusion.sample_steps if steps is None else steps
     rows = []
     if any(m in SAMPLE_METRICS for m in metrics):
         t0 = time.time()
@@ -308,8 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = []
         for j, g in enumerate(scales):  # bits/dim does not depend on the guidance: once
             wanted = metrics or default_metrics(ckpt.config, extractor, g)
+            wanted = tuple(m for m in wanted if m != "bpd" or j == 0)
+            if not wanted:  # only bits/dim was asked for, and it is done
+                break
             rows += evaluate(
-                ckpt, args.n, metrics=tuple(m for m in wanted if m != "bpd" or j == 0),
+                ckpt, args.n, metrics=wanted,
                 extractor=extractor, sampler=args.sampler, steps=args.steps,
                 spacing=args.spacing, real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
                 seed=args.seed, cache_dir=args.cache_dir,

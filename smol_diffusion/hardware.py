@@ -12,10 +12,15 @@ import torch
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; any other name is passed to torch.device."""
     if name != "auto":
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for, but CUDA is not available here; "
-                             "use device='auto' or 'cpu'")
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"unknown device {name!r}; use 'auto', 'cpu', 'cuda', 'cuda:N' "
+                             "or 'mps'") from None
+        if (device.type == "cuda" and not torch.cuda.is_available()
+                or device.type == "mps" and not torch.backends.mps.is_available()):
+            raise ValueError(f"device {name!r} was asked for, but {device.type.upper()} is not "
+                             "available here; use device='auto' or 'cpu'")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

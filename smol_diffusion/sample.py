@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=256, help="images per network call")
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
-    if args.n < 1:
-        parser.error("--n must be at least 1")
+    if args.n < 1 or args.batch < 1:
+        parser.error("--n and --batch must be at least 1")
     try:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"error: {e}") from None
     path = save_grid(images, args.out)
     d = ckpt.config.diffusion
-    print(f"{args.n} images, {args.sampler or d.sampler}, {args.steps or d.sample_steps} steps, "
+    steps = d.sample_steps if args.steps is None else args.steps
+    print(f"{args.n} images, {args.sampler or d.sampler}, {steps} steps, "
           f"{time.time() - t0:.1f}s -> {path}")
 
 

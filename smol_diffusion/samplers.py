@@ -211,7 +211,7 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
         if ts[-1] < 0 or ts[0] >= schedule.T:
             raise ValueError(f"timesteps must lie in [0, {schedule.T - 1}], got {ts}")
     else:
-        ts = spaced_timesteps(schedule.T, steps or schedule.T, spacing)
+        ts = spaced_timesteps(schedule.T, schedule.T if steps is None else steps, spacing)
     device = next(model.parameters()).device
     net = model
     num_classes = getattr(getattr(model, "cfg", None), "num_classes", 0)

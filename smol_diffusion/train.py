@@ -23,7 +23,7 @@ from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkp
 from .config import PRESETS, Config, all_fields, get_preset
 from .data import DROPOUT, STEP, batch_indices, make_dataset, stream_seed, to_device
 from .diffusion import simple_loss
-from .evaluate import default_metrics, evaluate, requested_labels
+from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
 from .hardware import autocast, compile_model, distributed_env, pick_device, use_bf16
 from .schedule import NoiseSchedule
 from .unet import UNet
@@ -70,8 +70,12 @@ def train(cfg: Config, progress: bool = True) -> dict:
                          f"label_dropout in [0, 1] (got {tc.label_dropout})")
     if tc.seed < 0:
         raise ValueError(f"seed must be 0 or more, got {tc.seed}")
-    if tc.log_every < 1:
-        raise ValueError(f"log_every must be at least 1, got {tc.log_every}")
+    for name, least in [("steps", 1), ("batch_size", 1), ("log_every", 1), ("sample_every", 0),
+                        ("sample_n", 0), ("checkpoint_every", 0), ("eval_every", 0)]:
+        if getattr(tc, name) < least:  # checked now, not when the run reaches them
+            raise ValueError(f"{name} must be at least {least}, got {getattr(tc, name)}")
+    if tc.eval_every and tc.eval_n < 2:
+        raise ValueError(f"eval_n must be at least 2 for an evaluation, got {tc.eval_n}")
     if not tc.grad_clip > 0:
         raise ValueError(f"grad_clip must be above 0, got {tc.grad_clip} "
                          "(grad_clip=float('inf') turns clipping off)")
@@ -127,6 +131,11 @@ def train(cfg: Config, progress: bool = True) -> dict:
     step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "eval": []}
     if tc.resume:
         state = read_checkpoint(tc.resume)
+        mine_ckpt = Path(tc.out_dir) / "ckpt.pt"
+        if mine_ckpt.is_file() and not mine_ckpt.samefile(tc.resume):
+            raise ValueError(f"resuming {tc.resume} would overwrite {mine_ckpt}, another "
+                             f"checkpoint; set out_dir to {Path(tc.resume).parent} to go on "
+                             "there, or to a new folder")
         check_same_model(state, cfg, tc.resume)
         load_weights(model, state["model"], tc.resume)
         load_weights(ema, state["ema"], tc.resume)
@@ -136,6 +145,9 @@ def train(cfg: Config, progress: bool = True) -> dict:
         step, history = int(state["step"]), history | state.get("history", {})
 
     out_dir = Path(tc.out_dir)
+    # built now, so that missing Inception weights stop the run before it trains, not after
+    extractor = get_extractor(None, cfg, cfg.data.cache_dir, device=device) \
+        if rank == 0 and tc.eval_every else None
     params, ema_params = list(model.parameters()), list(ema.parameters())
     classes = dataset.classes if mc.num_classes else None
 
@@ -148,8 +160,9 @@ def train(cfg: Config, progress: bool = True) -> dict:
 
     def run_eval() -> dict:
         rows = evaluate(Checkpoint(ema, schedule, cfg, step, history, classes), tc.eval_n,
-                        metrics=tuple(m for m in default_metrics(cfg, None) if m != "bpd"),
-                        seed=tc.seed, progress=False)
+                        metrics=tuple(m for m in default_metrics(cfg, extractor) if m != "bpd"),
+                        extractor=extractor, seed=tc.seed, cache_dir=cfg.data.cache_dir,
+                        progress=False)
         return {"step": step} | {r["metric"]: r["value"] for r in rows}
 
     def write_checkpoint() -> None:
@@ -217,7 +230,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
                 loss_sum.zero_()
                 n_sum, t_last, step_last = 0, now, step
             # 7. sample and evaluate, 8. checkpoint: rank 0 only
-            if rank == 0 and tc.sample_every and step % tc.sample_every == 0 and step < tc.steps:
+            if (rank == 0 and tc.sample_every and tc.sample_n and step % tc.sample_every == 0
+                    and step < tc.steps):
                 write_samples()
             if rank == 0 and tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
                 history["eval"].append(run_eval())
@@ -253,14 +267,26 @@ def step_randomness(seed: int, step: int, shape: tuple[int, ...], T: int,
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
-    """A Config from `--preset NAME` plus `--field value` overrides of any config field."""
+    """A Config from `--preset NAME` plus `--field value` overrides of any config field.
+
+    With `--resume CKPT` the base is the checkpoint's own config instead, writing to the
+    checkpoint's folder: the run goes on as it was, changed only by the flags given."""
     parser = argparse.ArgumentParser(prog="python -m smol_diffusion.train",
                                      description="Train a DDPM (Ho et al. 2020).")
-    parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="default: demo; with --resume, the checkpoint's config")
     for name, f in sorted(all_fields().items()):
         parser.add_argument(f"--{name}", type=str, default=None, help=f"({f.type})")
     args = vars(parser.parse_args(argv))
-    cfg = get_preset(args.pop("preset"))
+    preset, resume = args.pop("preset"), args["resume"]
+    if resume and resume.lower() != "none":
+        if preset:
+            raise ValueError("--resume goes on with the settings stored in the checkpoint; drop "
+                             "--preset (flags given beside --resume still change settings)")
+        stored = Config.from_dict(read_checkpoint(resume)["config"])
+        cfg = stored.override(out_dir=str(Path(resume).parent))
+    else:
+        cfg = get_preset(preset or "demo")
     fields = all_fields()
     return cfg.override(**{name: _parse_value(name, text, fields[name].type)
                            for name, text in args.items() if text is not None})

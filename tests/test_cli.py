@@ -38,3 +38,7 @@ def test_bad_input_is_explained(tmp_path):
     assert r.returncode != 0 and "vision/issues/7545" in r.stderr
     r = run("smol_diffusion.sample", "--checkpoint", str(tmp_path / "nope.pt"))
     assert r.returncode != 0 and "no checkpoint at" in r.stderr
+    r = run("smol_diffusion.train", "--device", "tpu0")
+    assert r.returncode != 0 and "error: unknown device 'tpu0'" in r.stderr
+    r = run("smol_diffusion.train", "--T", "20")
+    assert r.returncode != 0 and "sample_steps in [1, T]; got T=20, sample_steps=50" in r.stderr

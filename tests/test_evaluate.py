@@ -13,7 +13,7 @@ from torch import nn
 
 import smol_diffusion
 from smol_diffusion import features, load_checkpoint
-from smol_diffusion.evaluate import evaluate, main, reference_stats
+from smol_diffusion.evaluate import _held_out_split, evaluate, main, reference_stats
 from smol_diffusion.features import Extractor, FIDInception, inception_extractor
 
 
@@ -109,6 +109,9 @@ def test_reference_stats_are_cached_under_a_key_that_cannot_go_stale(tmp_path, m
     changed = reference_stats(cfg, ext, cache, progress=False)
     assert len(calls) == 3 and len(list(cache.iterdir())) == 4
     assert not np.array_equal(changed["mu"], first["mu"])
+    # a folder has no test split: bits/dim and real rows use (and name) its training images
+    assert _held_out_split(cfg) == "train"
+    assert _held_out_split(smol_diffusion.get_preset("demo")) == "test"
 
 
 def test_digit_extractor_is_trained_once_then_cached(tmp_path, monkeypatch):

@@ -169,3 +169,13 @@ def test_evaluate_cli_builds_one_extractor_for_all_guidance_scales(tiny_cfg, tmp
     rows = json.loads(out.read_text())["results"]
     assert [(r["metric"], r["guidance"]) for r in rows] == [("class_match", 1.0),
                                                             ("class_match", 2.0)]
+    # bits/dim does not depend on the guidance: one row, and nothing else for the other scale
+    monkeypatch.setattr(evaluate_module, "bits_per_dim",
+                        lambda model, schedule, x0, **kw: {"bpd": torch.ones(len(x0))})
+    evaluate_module.main(["--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
+                          "--metrics", "bpd", "--bpd-n", "4", "--guidance", "1,2",
+                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert [r["metric"] for r in json.loads(out.read_text())["results"]] == ["bpd"]
+    with pytest.raises(SystemExit, match="no guidance: drop guidance"):
+        evaluate_module.main(["--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
+                              "--real", "--guidance", "2", "--out", str(out)])

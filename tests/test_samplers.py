@@ -203,5 +203,7 @@ def test_bad_arguments():
         sample(model, schedule, (1, 1, 2, 2), sampler="dpm++2m", eta=1.0)
     with pytest.raises(ValueError, match="unknown sampler"):
         sample(model, schedule, (1, 1, 2, 2), sampler="euler")
+    with pytest.raises(ValueError, match=r"steps must lie in \[1, 100\], got 0"):
+        sample(model, schedule, (1, 1, 2, 2), steps=0)  # not read as "all 100"
     with pytest.raises(ValueError, match="noise has shape"):
         sample(model, schedule, (1, 1, 2, 2), noise=torch.randn(2, 1, 2, 2))

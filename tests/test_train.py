@@ -93,6 +93,42 @@ def test_resume_with_another_architecture_or_objective_is_refused(tiny_cfg, tmp_
     assert [g["weight_decay"] for g in groups] == [0.05]
 
 
+def test_cli_resume_goes_on_with_the_checkpoints_settings_and_folder(tiny_cfg, tmp_path):
+    smol_diffusion.train(tiny_cfg.override(steps=5, sample_n=0, lr=1e-3,
+                                           out_dir=str(tmp_path / "cond")), progress=False)
+    path = str(tmp_path / "cond" / "ckpt.pt")
+    cfg = parse_args(["--resume", path, "--steps", "9"])
+    assert cfg == tiny_cfg.override(steps=9, sample_n=0, lr=1e-3, resume=path,
+                                    out_dir=str(tmp_path / "cond"))
+    with pytest.raises(ValueError, match="drop --preset"):
+        parse_args(["--preset", "demo", "--resume", path])
+    # through train(), a resume never overwrites another run's checkpoint
+    smol_diffusion.train(tiny_cfg.override(steps=2, sample_n=0), progress=False)
+    with pytest.raises(ValueError, match=r"would overwrite .*run/ckpt.pt, another checkpoint; "
+                                         r"set out_dir to .*cond"):
+        smol_diffusion.train(tiny_cfg.override(steps=9, resume=path), progress=False)
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 2
+
+
+def test_settings_are_checked_before_training(tiny_cfg, tmp_path):
+    for change, message in [({"steps": 0}, "steps must be at least 1, got 0"),
+                            ({"batch_size": -64}, "batch_size must be at least 1, got -64"),
+                            ({"sample_every": -1}, "sample_every must be at least 0"),
+                            ({"eval_every": 5, "eval_n": 1}, "eval_n must be at least 2")]:
+        with pytest.raises(ValueError, match=message):
+            smol_diffusion.train(tiny_cfg.override(**change), progress=False)
+    assert not (tmp_path / "run").exists()
+    for change, message in [({"T": 4}, "sample_steps in \\[1, T\\]; got T=4, sample_steps=5"),
+                            ({"sample_steps": 0}, "sample_steps in"),
+                            ({"min_snr_gamma": 0.0}, "min_snr_gamma must be above 0")]:
+        with pytest.raises(ValueError, match=message):
+            tiny_cfg.override(**change)
+    assert tiny_cfg.override(T=10, sample_steps=3).diffusion.T == 10  # changed together
+    # sample_n=0: no grids, also at the sample interval
+    smol_diffusion.train(tiny_cfg.override(steps=20, sample_every=10, sample_n=0), progress=False)
+    assert [p.name for p in (tmp_path / "run").iterdir()] == ["ckpt.pt"]
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     bare = tmp_path / "bare.pt"
     torch.save({"conv.weight": torch.zeros(1)}, bare)
@@ -113,6 +149,11 @@ def test_weights_that_do_not_fit_their_config(tiny_cfg, tmp_path):
     state["config"]["model"]["channels"] = 32
     save_checkpoint(path, state)
     with pytest.raises(ValueError, match="do not fit the model"):
+        load_checkpoint(path)
+    state["config"]["model"]["channels"] = 16
+    state["config"]["train"]["ema_warmup"] = 10  # a field this version does not know
+    save_checkpoint(path, state)
+    with pytest.raises(ValueError, match=r"unknown config fields \['train.ema_warmup'\]"):
         load_checkpoint(path)
 
 
