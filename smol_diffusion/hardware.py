@@ -20,7 +20,7 @@ def pick_device(name: str = "auto") -> torch.device:
         if (device.type == "cuda" and not torch.cuda.is_available()
                 or device.type == "mps" and not torch.backends.mps.is_available()):
             raise ValueError(f"device {name!r} was asked for, but {device.type.upper()} is not "
-                             "available here; use device='auto' or 'cpu'")
+                             "available here; use device 'auto' or 'cpu' (--device)")
         return device
     if torch.cuda.is_available():
         return torch.device("cuda")

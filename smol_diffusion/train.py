@@ -79,6 +79,13 @@ def train(cfg: Config, progress: bool = True) -> dict:
     if not tc.grad_clip > 0:
         raise ValueError(f"grad_clip must be above 0, got {tc.grad_clip} "
                          "(grad_clip=float('inf') turns clipping off)")
+    ours = Path(tc.out_dir) / "ckpt.pt"  # what this run writes
+    if (tc.resume and ours.is_file() and Path(tc.resume).is_file()
+            and not ours.samefile(tc.resume)):
+        beside = Path(tc.resume).parent
+        there = "" if beside.resolve() == ours.parent.resolve() else f" ({beside}: beside it)"
+        raise ValueError(f"resuming {tc.resume} would overwrite {ours}, another checkpoint; "
+                         f"move that one away, or set out_dir to another folder{there}")
     if tc.batch_size % (world * tc.grad_accum):
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} processes x "
                          f"{tc.grad_accum} accumulation steps; make it a multiple of "
@@ -131,11 +138,6 @@ def train(cfg: Config, progress: bool = True) -> dict:
     step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "eval": []}
     if tc.resume:
         state = read_checkpoint(tc.resume)
-        mine_ckpt = Path(tc.out_dir) / "ckpt.pt"
-        if mine_ckpt.is_file() and not mine_ckpt.samefile(tc.resume):
-            raise ValueError(f"resuming {tc.resume} would overwrite {mine_ckpt}, another "
-                             f"checkpoint; set out_dir to {Path(tc.resume).parent} to go on "
-                             "there, or to a new folder")
         check_same_model(state, cfg, tc.resume)
         load_weights(model, state["model"], tc.resume)
         load_weights(ema, state["ema"], tc.resume)

@@ -38,6 +38,8 @@ def test_bad_input_is_explained(tmp_path):
     assert r.returncode != 0 and "vision/issues/7545" in r.stderr
     r = run("smol_diffusion.sample", "--checkpoint", str(tmp_path / "nope.pt"))
     assert r.returncode != 0 and "no checkpoint at" in r.stderr
+    r = run("smol_diffusion.sample", "--checkpoint", str(tmp_path / "nope.pt"), "--batch", "0")
+    assert r.returncode != 0 and "--n and --batch must be at least 1" in r.stderr
     r = run("smol_diffusion.train", "--device", "tpu0")
     assert r.returncode != 0 and "error: unknown device 'tpu0'" in r.stderr
     r = run("smol_diffusion.train", "--T", "20")

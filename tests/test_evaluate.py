@@ -165,15 +165,32 @@ def test_evaluate_rejects_bad_input(tiny_cfg, tmp_path):
     ckpt = f"{tiny_cfg.train.out_dir}/ckpt.pt"
     with pytest.raises(SystemExit, match="unknown metrics"):
         main(["--checkpoint", ckpt, "--metrics", "fid,isc"])
+    with pytest.raises(SystemExit, match="batch_size at least 1; got 500, 0"):
+        main(["--checkpoint", ckpt, "--batch", "0"])
     with pytest.raises(SystemExit, match="no FID Inception weights"):
         main(["--checkpoint", ckpt, "--extractor", "inception", "--metrics", "fid",
               "--inception-weights", str(tmp_path / "none.pth")])
 
 
 def test_training_evaluates_at_an_interval(tiny_cfg, tmp_path, fast_digits, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # the digit classifier is cached under ./data/cache
+    monkeypatch.chdir(tmp_path)  # nothing may land in ./data/cache: the run has its own
     cfg = tiny_cfg.override(sample_every=0, sample_n=0, checkpoint_every=0, eval_every=20,
-                            eval_n=16)
+                            eval_n=16, cache_dir=str(tmp_path / "run_cache"))
     history = smol_diffusion.train(cfg, progress=False)
     assert [e["step"] for e in history["eval"]] == [20, 40]
     assert set(history["eval"][0]) == {"step", "fid", "kid", "recognisable"}
+    assert any((tmp_path / "run_cache").iterdir()) and not (tmp_path / "data").exists()
+
+
+def test_training_without_its_extractor_stops_before_it_trains(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no Inception weights
+    cfg = folder_cfg(tmp_path).override(eval_every=5, steps=10, batch_size=4,
+                                        out_dir=str(tmp_path / "run"))
+    steps = []
+    train_module = sys.modules["smol_diffusion.train"]
+    real_loss = train_module.simple_loss
+    monkeypatch.setattr(train_module, "simple_loss", lambda *a, **k: steps.append(1)
+                        or real_loss(*a, **k))
+    with pytest.raises(FileNotFoundError, match="no FID Inception weights"):
+        smol_diffusion.train(cfg, progress=False)
+    assert not steps and not (tmp_path / "run").exists()

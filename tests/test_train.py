@@ -11,7 +11,7 @@ from smol_diffusion import load_checkpoint
 from smol_diffusion.checkpoint import read_checkpoint, save_checkpoint
 from smol_diffusion.config import Config
 from smol_diffusion.data import TensorImages
-from smol_diffusion.hardware import compile_model
+from smol_diffusion.hardware import compile_model, pick_device
 from smol_diffusion.train import ema_decay_at, lr_at, parse_args
 
 
@@ -105,9 +105,17 @@ def test_cli_resume_goes_on_with_the_checkpoints_settings_and_folder(tiny_cfg, t
     # through train(), a resume never overwrites another run's checkpoint
     smol_diffusion.train(tiny_cfg.override(steps=2, sample_n=0), progress=False)
     with pytest.raises(ValueError, match=r"would overwrite .*run/ckpt.pt, another checkpoint; "
-                                         r"set out_dir to .*cond"):
+                                         r"move that one away, or set out_dir to another "
+                                         r"folder \(.*cond: beside it\)"):
         smol_diffusion.train(tiny_cfg.override(steps=9, resume=path), progress=False)
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 2
+    # an older copy in the same folder: no circular advice
+    (tmp_path / "cond" / "ckpt.pt").rename(tmp_path / "cond" / "ckpt_5.pt")
+    smol_diffusion.train(tiny_cfg.override(steps=2, sample_n=0, out_dir=str(tmp_path / "cond")),
+                         progress=False)
+    with pytest.raises(ValueError, match="another folder$"):
+        smol_diffusion.train(parse_args(["--resume", str(tmp_path / "cond" / "ckpt_5.pt")]),
+                             progress=False)
 
 
 def test_settings_are_checked_before_training(tiny_cfg, tmp_path):
@@ -120,7 +128,8 @@ def test_settings_are_checked_before_training(tiny_cfg, tmp_path):
     assert not (tmp_path / "run").exists()
     for change, message in [({"T": 4}, "sample_steps in \\[1, T\\]; got T=4, sample_steps=5"),
                             ({"sample_steps": 0}, "sample_steps in"),
-                            ({"min_snr_gamma": 0.0}, "min_snr_gamma must be above 0")]:
+                            ({"min_snr_gamma": 0.0}, "min_snr_gamma must be above 0"),
+                            ({"min_snr_gamma": -5.0}, "min_snr_gamma must be above 0")]:
         with pytest.raises(ValueError, match=message):
             tiny_cfg.override(**change)
     assert tiny_cfg.override(T=10, sample_steps=3).diffusion.T == 10  # changed together
@@ -188,6 +197,15 @@ def test_schedules():
     assert lr_at(60, tc) == pytest.approx(0.55) and lr_at(110, tc) == pytest.approx(0.1)
     assert lr_at(50, dataclasses.replace(tc, lr_schedule="constant")) == 1.0
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1) and ema_decay_at(10**6, 0.999) == 0.999
+
+
+def test_a_device_that_is_not_here_is_named(monkeypatch):
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("mps", "cuda:1"):
+        with pytest.raises(ValueError, match=f"device '{name}' was asked for, but "
+                                             f"{name[:4].rstrip(':').upper()} is not available"):
+            pick_device(name)
 
 
 def test_cli_overrides():
