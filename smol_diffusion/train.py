@@ -65,13 +65,13 @@ def train(cfg: Config, progress: bool = True) -> dict:
     if tc.lr_schedule not in ("constant", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {tc.lr_schedule!r}")
     rank, world, local_rank = distributed_env()
-    if tc.grad_accum < 1 or not 0 <= tc.label_dropout <= 1:
-        raise ValueError(f"grad_accum must be at least 1 (got {tc.grad_accum}) and "
-                         f"label_dropout in [0, 1] (got {tc.label_dropout})")
+    if not 0 <= tc.label_dropout <= 1:
+        raise ValueError(f"label_dropout must be in [0, 1], got {tc.label_dropout}")
     if tc.seed < 0:
         raise ValueError(f"seed must be 0 or more, got {tc.seed}")
-    for name, least in [("steps", 1), ("batch_size", 1), ("log_every", 1), ("sample_every", 0),
-                        ("sample_n", 0), ("checkpoint_every", 0), ("eval_every", 0)]:
+    for name, least in [("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1),
+                        ("sample_every", 0), ("sample_n", 0), ("checkpoint_every", 0),
+                        ("eval_every", 0)]:
         if getattr(tc, name) < least:  # checked now, not when the run reaches them
             raise ValueError(f"{name} must be at least {least}, got {getattr(tc, name)}")
     if tc.eval_every and tc.eval_n < 2:
@@ -79,7 +79,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     if not tc.grad_clip > 0:
         raise ValueError(f"grad_clip must be above 0, got {tc.grad_clip} "
                          "(grad_clip=float('inf') turns clipping off)")
-    ours = Path(tc.out_dir) / "ckpt.pt"  # what this run writes
+    out_dir = Path(tc.out_dir)
+    ours = out_dir / "ckpt.pt"  # what this run writes
     if (tc.resume and ours.is_file() and Path(tc.resume).is_file()
             and not ours.samefile(tc.resume)):
         beside = Path(tc.resume).parent
@@ -146,7 +147,6 @@ def train(cfg: Config, progress: bool = True) -> dict:
             group["weight_decay"] = tc.weight_decay
         step, history = int(state["step"]), history | state.get("history", {})
 
-    out_dir = Path(tc.out_dir)
     # built now, so that missing Inception weights stop the run before it trains, not after
     extractor = get_extractor(None, cfg, cfg.data.cache_dir, device=device) \
         if rank == 0 and tc.eval_every else None
@@ -168,7 +168,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
         return {"step": step} | {r["metric"]: r["value"] for r in rows}
 
     def write_checkpoint() -> None:
-        save_checkpoint(out_dir / "ckpt.pt", {
+        save_checkpoint(ours, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
             "step": step, "config": dataclasses.asdict(cfg), "history": history,
             "classes": classes})
