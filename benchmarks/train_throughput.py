@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 import smol_diffusion as sd  # noqa: E402
-from smol_diffusion.data import batch_indices, make_dataset, to_device  # noqa: E402
+from smol_diffusion.batches import batch_indices, to_device  # noqa: E402
+from smol_diffusion.data import make_dataset  # noqa: E402
 from smol_diffusion.diffusion import simple_loss  # noqa: E402
 from smol_diffusion.hardware import autocast, pick_device  # noqa: E402
 

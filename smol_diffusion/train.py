@@ -18,10 +18,11 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
+from .batches import DROPOUT, STEP, batch_indices, stream_seed, to_device
 from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkpoint,
                          save_checkpoint)
 from .config import PRESETS, Config, all_fields, get_preset
-from .data import DROPOUT, STEP, batch_indices, make_dataset, stream_seed, to_device
+from .data import make_dataset
 from .diffusion import simple_loss
 from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
 from .hardware import autocast, compile_model, distributed_env, pick_device, use_bf16

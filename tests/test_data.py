@@ -9,9 +9,9 @@ from PIL import Image
 
 from conftest import write_image
 from smol_diffusion import DataConfig
-from smol_diffusion.data import (DROPOUT, ORDER, STEP, DatasetError, batch_indices,
-                                 cached_images, find_images, make_dataset, mnist_5k,
-                                 mnist_5k_arrays, stanford_cars_files, stream_seed, to_device)
+from smol_diffusion.batches import DROPOUT, ORDER, STEP, batch_indices, stream_seed, to_device
+from smol_diffusion.data import (DatasetError, cached_images, find_images, make_dataset,
+                                 mnist_5k, mnist_5k_arrays, stanford_cars_files)
 
 
 def data_cfg(tmp_path, **kw):
