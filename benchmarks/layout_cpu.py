@@ -14,7 +14,6 @@ backward together, as ms a step. Each time is the median of several.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script
 import smol_diffusion as sd  # noqa: E402
-from train_throughput import PLAN, machine, matmul_peak  # noqa: E402  (this folder)
+from train_throughput import PLAN, machine, matmul_peak, median_seconds  # noqa: E402
 
 PASSES = {"forward": None, "input grad": [True, False, False], "weight grad": [False, True, True]}
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
@@ -49,17 +48,6 @@ def layers(preset: str, batch: int) -> list[tuple[nn.Module, tuple, float]]:
     return seen
 
 
-def seconds(fn, reps: int = 7) -> float:
-    """The median time of fn() after a warm-up call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def conv_passes(conv: nn.Conv2d, x_shape: tuple, layout: torch.memory_format,
                 input_grad: bool) -> dict[str, float]:
     """Seconds of each pass of one convolution (training skips the input gradient of the
@@ -67,10 +55,11 @@ def conv_passes(conv: nn.Conv2d, x_shape: tuple, layout: torch.memory_format,
     x = torch.randn(x_shape).to(memory_format=layout)
     w, b = conv.weight.detach().to(memory_format=layout), conv.bias.detach()
     g = torch.randn_like(nn.functional.conv2d(x, w, b, conv.stride, conv.padding))
-    out = {"forward": seconds(lambda: nn.functional.conv2d(x, w, b, conv.stride, conv.padding))}
+    out = {"forward": median_seconds(
+        lambda: nn.functional.conv2d(x, w, b, conv.stride, conv.padding))}
     for name, mask in PASSES.items():
         if mask and (input_grad or name != "input grad"):
-            out[name] = seconds(lambda: torch.ops.aten.convolution_backward(
+            out[name] = median_seconds(lambda: torch.ops.aten.convolution_backward(
                 g, x, w, [w.shape[0]], list(conv.stride), list(conv.padding), [1, 1], False,
                 [0, 0], 1, mask))
     return out
@@ -80,7 +69,7 @@ def group_norm_seconds(norm: nn.GroupNorm, x_shape: tuple, layout: torch.memory_
     """Seconds of one GroupNorm's forward and backward."""
     x = torch.randn(x_shape).to(memory_format=layout).requires_grad_()
     g = torch.randn_like(norm(x))
-    return seconds(lambda: torch.autograd.grad(norm(x), [x, *norm.parameters()], g))
+    return median_seconds(lambda: torch.autograd.grad(norm(x), [x, *norm.parameters()], g))
 
 
 def main() -> None:

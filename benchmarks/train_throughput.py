@@ -82,19 +82,27 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
             break
         n *= 2
     reps = max(3, min(50, int(1.0 / max(t, 1e-4))))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times) / 1e9
+    return 2 * n**3 / median_seconds(lambda: a @ b, reps, device) / 1e9
 
 
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA), so a timer reads what it ran."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def median_seconds(fn, reps: int = 7, device: torch.device = torch.device("cpu")) -> float:
+    """The median time of `reps` calls of fn() after a warm-up call, each waited for on
+    `device`."""
+    fn()
+    sync(device)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 # torch's FLOP counter has formulas for SDPA's CUDA kernels but none for its CPU kernel, where
@@ -308,9 +316,8 @@ def peer_job(name: str, device: torch.device, bf16: bool) -> dict:
     opt = torch.optim.AdamW(params, lr=2e-4, fused=device.type in ("cuda", "cpu"))
     schedule = sd.NoiseSchedule.linear(1000)
     x0 = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
-    times = []
-    for i in range(steps + 1):
-        t0 = time.perf_counter()
+
+    def step() -> None:
         with autocast(device, bf16):
             loss = simple_loss(call, schedule, x0)
         opt.zero_grad(set_to_none=True)
@@ -318,11 +325,8 @@ def peer_job(name: str, device: torch.device, bf16: bool) -> dict:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         torch._foreach_lerp_(ema, params, 1e-4)
-        sync(device)
-        if i:  # the first step warms up
-            times.append(time.perf_counter() - t0)
     return {"model": name, "variant": "bf16" if bf16 else "fp32", "batch": batch,
-            "img_s": batch / statistics.median(times), "flops_per_img": per_image,
+            "img_s": batch / median_seconds(step, steps, device), "flops_per_img": per_image,
             "params_m": sum(p.numel() for p in params) / 1e6, "mem_gib": peak_memory_gib(device)}
 
 
