@@ -2,16 +2,91 @@
 
 A checkpoint stores `dataclasses.asdict(config)`, and `Config.from_dict` rebuilds it, so a
 checkpoint knows its own model, schedule and data.
+
+Every field is checked when a config is built (directly, by `override`, by `from_dict`): its
+type against its annotation, then its range or its allowed names, so a wrong setting fails at
+once with the field's name, the value and what it accepts, not hours into a run.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import math
+import numbers
 from dataclasses import dataclass, field
 
 from .diffusion import PREDICTIONS
+from .hardware import PRECISIONS
 from .samplers import SAMPLERS
 from .schedule import SCHEDULES, SPACINGS
+
+DATASETS = ("mnist", "cars", "folder")
+SPLITS = ("train", "test", "all")
+LR_SCHEDULES = ("constant", "cosine")
+
+# The allowed names of each str field that has a fixed set of them.
+_CHOICES = {"schedule": SCHEDULES, "prediction": PREDICTIONS, "sampler": tuple(SAMPLERS),
+            "spacing": SPACINGS, "variance": ("small", "large"), "dataset": DATASETS,
+            "split": SPLITS, "lr_schedule": LR_SCHEDULES, "precision": PRECISIONS}
+
+# The range of each number field (of each item, in a tuple): a test and how messages state it.
+# T, sample_steps and min_snr_gamma are checked in DiffusionConfig, eval_n in TrainConfig.
+_AT_LEAST_0, _AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
+_RANGES = {
+    **dict.fromkeys(("image_size", "in_channels", "out_channels", "channels", "channel_mults",
+                     "num_res_blocks", "attn_resolutions", "heads", "steps", "batch_size",
+                     "grad_accum", "log_every"), _AT_LEAST_1),
+    **dict.fromkeys(("num_classes", "num_workers", "warmup", "sample_every", "sample_n",
+                     "checkpoint_every", "eval_every"), _AT_LEAST_0),
+    "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lr": (lambda v: 0 < v < math.inf, "> 0 and finite"),
+    "weight_decay": (lambda v: 0 <= v < math.inf, ">= 0 and finite"),
+    "grad_clip": (lambda v: v > 0, "> 0 (float('inf') turns clipping off)"),
+    "ema_decay": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "label_dropout": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "seed": (lambda v: 0 <= v < 2**64, "in [0, 2**64)"),  # torch.manual_seed's range
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+# Each annotation's kind: which values it takes, how they are stored, what messages call it.
+_TYPES = {
+    "int": (_is_int, int, "an integer"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), float,
+              "a number"),
+    "bool": (lambda v: isinstance(v, bool), bool, "True or False"),
+    "str": (lambda v: isinstance(v, str), str, "a string"),
+    "tuple[int, ...]": (lambda v: isinstance(v, (tuple, list)) and all(map(_is_int, v)),
+                        lambda v: tuple(map(int, v)), "a tuple of integers"),
+}
+
+
+def _check(section) -> None:
+    """Check every field of a config section, converting it in place (an int given for a float,
+    a list for a tuple): its type against its annotation, None only where that allows it; then
+    its allowed names or its range. A ValueError names the field, the value and what it takes."""
+    for f in dataclasses.fields(section):
+        kind, _, optional = f.type.partition(" | ")
+        accepts, convert, what = _TYPES[kind]
+        value = getattr(section, f.name)
+        if value is None and optional:
+            continue
+        if not accepts(value):
+            raise ValueError(f"{f.name} must be {what}{' or None' if optional else ''}; got "
+                             f"{value!r} ({type(value).__name__})")
+        value = convert(value)
+        setattr(section, f.name, value)
+        if f.name in _CHOICES and value not in _CHOICES[f.name]:
+            raise ValueError(f"{f.name} must be one of {', '.join(_CHOICES[f.name])}; got "
+                             f"{value!r}")
+        test, accepted = _RANGES.get(f.name, (None, ""))
+        if test and not all(map(test, value if isinstance(value, tuple) else (value,))):
+            what = "integers" if isinstance(value, tuple) else what
+            raise ValueError(f"{f.name} must be {what} {accepted}; got {value!r}")
 
 
 @dataclass
@@ -30,10 +105,25 @@ class ModelConfig:
     num_classes: int = 0  # > 0: class-conditional, a label embedding added to the time's
 
     def __post_init__(self) -> None:
+        _check(self)
         if self.out_channels is None:
             self.out_channels = self.in_channels
-        self.channel_mults = tuple(self.channel_mults)
-        self.attn_resolutions = tuple(self.attn_resolutions)
+        if not self.channel_mults:
+            raise ValueError("channel_mults must hold one multiplier a level, e.g. (1, 2, 2); "
+                             "got ()")
+        levels = len(self.channel_mults)
+        if self.image_size % 2 ** (levels - 1):  # the UNet halves the resolution between levels
+            raise ValueError(f"image_size {self.image_size} is not divisible by "
+                             f"{2 ** (levels - 1)}, which {levels} channel_mults need")
+        # each attention layer (at attn_resolutions, and the middle one, after the last level)
+        # splits its channels into `heads`
+        for level, mult in enumerate(self.channel_mults):
+            size = self.image_size // 2**level
+            if ((size in self.attn_resolutions or level == levels - 1)
+                    and self.channels * mult % self.heads):
+                raise ValueError(f"heads must divide the channels of every attention layer; "
+                                 f"{self.channels * mult} channels at resolution {size} do not "
+                                 f"split into {self.heads} attention heads")
 
 
 @dataclass
@@ -51,12 +141,7 @@ class DiffusionConfig:
     variance: str = "small"  # the ancestral sampler's: "small" beta_tilde_t or "large" beta_t
 
     def __post_init__(self) -> None:
-        for name, allowed in [("schedule", SCHEDULES), ("prediction", PREDICTIONS),
-                              ("sampler", tuple(SAMPLERS)), ("spacing", SPACINGS),
-                              ("variance", ("small", "large"))]:
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}; got "
-                                 f"{getattr(self, name)!r}")
+        _check(self)
         if self.T < 1 or not 1 <= self.sample_steps <= self.T:
             raise ValueError(f"T must be at least 1 and sample_steps in [1, T]; got T={self.T}, "
                              f"sample_steps={self.sample_steps}")
@@ -80,6 +165,9 @@ class DataConfig:
     hflip: bool = False  # random horizontal flips, done on the training device
     cache_dir: str = "data/cache"  # image files are decoded once into a uint8 cache here
     num_workers: int = 0  # threads decoding images while the cache is built (0: one a core)
+
+    def __post_init__(self) -> None:
+        _check(self)
 
 
 @dataclass
@@ -109,6 +197,13 @@ class TrainConfig:
     eval_n: int = 500  # samples per evaluation (FID, KID and, on digits, recognisability)
     out_dir: str = "checkpoints/run"  # checkpoints and sample grids go here
     resume: str | None = None  # a checkpoint to continue from
+    overwrite: bool = False  # replace a checkpoint already in out_dir (else a new run is refused)
+
+    def __post_init__(self) -> None:
+        _check(self)  # all of it now, not when the run reaches a setting
+        if self.eval_every and self.eval_n < 2:
+            raise ValueError(f"eval_n must be an integer >= 2 when eval_every > 0; got "
+                             f"{self.eval_n}")
 
 
 @dataclass
@@ -121,14 +216,15 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def override(self, **changes) -> Config:
-        """A copy with fields replaced, e.g. `cfg.override(lr=1e-4, steps=2000)`."""
+        """A copy with fields replaced, e.g. `cfg.override(lr=1e-4, steps=2000)`; text is read
+        as the field's type (`parse_field`), as YAML and papermill give it: `lr="1e-4"`."""
         by_section = {f.name: {} for f in dataclasses.fields(self)}
         for name, value in changes.items():
             owner = field_owner(name)
             if owner is None:
                 raise ValueError(f"unknown config field {name!r}; fields are: "
                                  f"{', '.join(sorted(all_fields()))}")
-            by_section[owner][name] = value
+            by_section[owner][name] = parse_field(name, value)
         # one replace a section, so fields checked together (T, sample_steps) change together
         return Config(**{k: dataclasses.replace(getattr(self, k), **v)
                          for k, v in by_section.items()})
@@ -161,6 +257,62 @@ def field_owner(name: str) -> str | None:
         if any(f.name == name for f in dataclasses.fields(kind)):
             return section
     return None
+
+
+def parse_field(name: str, value):
+    """The value that text stands for in field `name`, read as the field's annotation: a number,
+    true/false/1/0 for a bool, "8,4" for a tuple, "none" for None where the field allows it.
+    Anything but text is returned as it is (the field's own check comes later). A ValueError
+    starts with the field's name and the text, e.g. "steps '2.5' is not a whole number"."""
+    if not isinstance(value, str):
+        return value
+    kind, _, optional = all_fields()[name].type.partition(" | ")
+    text = value.strip()
+    if optional and text.lower() == "none":
+        return None
+    if kind == "str":
+        return value
+    if kind == "bool":
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{name} {value!r} is not true or false")
+        return text.lower() in ("true", "1")
+    if kind == "tuple[int, ...]":
+        try:
+            return tuple(int(v) for v in text.strip("()[]").split(",") if v.strip())
+        except ValueError:
+            raise ValueError(f"{name} {value!r} is not a list of integers such as 8,4") from None
+    try:
+        number = float(text)  # "1e-4", "inf"; for an int field also "1e3"
+    except ValueError:
+        raise ValueError(f"{name} {value!r} is not {_TYPES[kind][2]}") from None
+    if kind == "float":
+        return number
+    try:
+        return int(text)  # exact, however large
+    except ValueError:
+        if not math.isfinite(number):  # "1e400" reads as inf
+            raise ValueError(f"{name} {value!r} is not a finite number") from None
+        if not number.is_integer():
+            raise ValueError(f"{name} {value!r} is not a whole number") from None
+        return int(number)
+
+
+def overrides_from(value: dict | str | None) -> dict:
+    """The notebook's `overrides` parameter as a dict of field changes: a dict, or its JSON
+    text (`papermill -p overrides '{"steps": 10}'` passes text); None means none."""
+    example = '{"steps": 2000, "lr": 1e-4}'
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"overrides {value!r} is not JSON ({e}); write a dict such as "
+                             f"{example}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"overrides must be a dict of config fields or its JSON text, such as "
+                         f"{example}; got {value!r} ({type(value).__name__})")
+    return dict(value)
 
 
 PRESETS: dict[str, Config] = {

@@ -189,6 +189,9 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
     if n < 2 or batch_size < 1:
         raise ValueError(f"n must be at least 2 and batch_size at least 1; got {n}, {batch_size}")
+    if "bpd" in metrics and not real and bpd_n < 1:
+        raise ValueError(f"bpd_n (--bpd-n), the held-out images for bits/dim, must be at least 1; "
+                         f"got {bpd_n}")
     cfg, device = ckpt.config, next(ckpt.model.parameters()).device
     sampler, spacing = sampler or cfg.diffusion.sampler, spacing or cfg.diffusion.spacing
     steps = cfg.diffusion.sample_steps if steps is None else steps
@@ -299,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None,
                         help="JSON file for the results (default: eval.json beside the checkpoint)")
     args = parser.parse_args(argv)
+    if args.bpd_n < 1:
+        raise SystemExit(f"error: --bpd-n, the held-out images for bits/dim, must be at least 1; "
+                         f"got {args.bpd_n}")
     try:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
         metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import torch
 
+PRECISIONS = ("auto", "bf16", "fp32")  # see use_bf16
+
 
 def pick_device(name: str = "auto") -> torch.device:
     """`auto` picks cuda, then mps, then cpu; any other name is passed to torch.device."""
@@ -43,8 +45,8 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     on the 2-core AVX2 machine this repo is tested on, a bf16 training step of the demo UNet
     was 10x slower than fp32. fp32 on MPS.
     """
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision != "auto":
         return precision == "bf16"
     if device.type == "cuda":

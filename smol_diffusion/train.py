@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .batches import DROPOUT, STEP, batch_indices, stream_seed, to_device
 from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkpoint,
                          save_checkpoint)
-from .config import PRESETS, Config, all_fields, get_preset
+from .config import PRESETS, Config, all_fields, get_preset, parse_field
 from .data import make_dataset
 from .diffusion import simple_loss
 from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
@@ -62,24 +62,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     resumes on another number where it stopped; dropout is seeded by (seed, step, rank), so a
     resume on the same number of processes is exact with it too.
     """
-    tc, mc = cfg.train, cfg.model
-    if tc.lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {tc.lr_schedule!r}")
+    tc, mc = cfg.train, cfg.model  # every field was checked when cfg was built (config.py)
     rank, world, local_rank = distributed_env()
-    if not 0 <= tc.label_dropout <= 1:
-        raise ValueError(f"label_dropout must be in [0, 1], got {tc.label_dropout}")
-    if tc.seed < 0:
-        raise ValueError(f"seed must be 0 or more, got {tc.seed}")
-    for name, least in [("steps", 1), ("batch_size", 1), ("grad_accum", 1), ("log_every", 1),
-                        ("sample_every", 0), ("sample_n", 0), ("checkpoint_every", 0),
-                        ("eval_every", 0)]:
-        if getattr(tc, name) < least:  # checked now, not when the run reaches them
-            raise ValueError(f"{name} must be at least {least}, got {getattr(tc, name)}")
-    if tc.eval_every and tc.eval_n < 2:
-        raise ValueError(f"eval_n must be at least 2 for an evaluation, got {tc.eval_n}")
-    if not tc.grad_clip > 0:
-        raise ValueError(f"grad_clip must be above 0, got {tc.grad_clip} "
-                         "(grad_clip=float('inf') turns clipping off)")
     out_dir = Path(tc.out_dir)
     ours = out_dir / "ckpt.pt"  # what this run writes
     if (tc.resume and ours.is_file() and Path(tc.resume).is_file()
@@ -278,8 +262,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
                                      description="Train a DDPM (Ho et al. 2020).")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="default: demo; with --resume, the checkpoint's config")
-    for name, f in sorted(all_fields().items()):
-        parser.add_argument(f"--{name}", type=str, default=None, help=f"({f.type})")
+    for name, f in sorted(all_fields().items()):  # a bare bool flag (--compile) means true
+        parser.add_argument(f"--{name}", type=str, default=None, help=f"({f.type})",
+                            **{"nargs": "?", "const": "true"} if f.type == "bool" else {})
     args = vars(parser.parse_args(argv))
     preset, resume = args.pop("preset"), args["resume"]
     if resume and resume.lower() != "none":
@@ -290,29 +275,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
         cfg = stored.override(out_dir=str(Path(resume).parent))
     else:
         cfg = get_preset(preset or "demo")
-    fields = all_fields()
-    return cfg.override(**{name: _parse_value(name, text, fields[name].type)
-                           for name, text in args.items() if text is not None})
-
-
-def _parse_value(name: str, text: str, type_name: str):
-    """Parse `text` for field `name` as the type of its annotation (tuples comma-separated)."""
-    try:
-        if "tuple" in type_name:
-            return tuple(int(v) for v in text.split(",") if v.strip())
-        if text.lower() == "none" and "None" in type_name:
-            return None
-        if type_name.startswith("bool"):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError("expected true or false")
-            return text.lower() in ("true", "1")
-        if type_name.startswith("int"):
-            return int(float(text)) if "e" in text.lower() else int(text)
-        if type_name.startswith("float"):
-            return float(text)
-        return text
-    except ValueError as e:
-        raise SystemExit(f"--{name} {text!r}: {e} (the field is {type_name})")
+    changes = {}
+    for name, text in args.items():
+        if text is not None:
+            try:
+                changes[name] = parse_field(name, text)
+            except ValueError as e:  # it starts with the field and the text: "steps 'many' is"
+                raise SystemExit(f"error: --{e}") from None
+    return cfg.override(**changes)  # out of range: a ValueError naming the field
 
 
 def main(argv: list[str] | None = None) -> None:

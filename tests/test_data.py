@@ -167,7 +167,7 @@ def test_empty_or_missing_folder(tmp_path):
         with pytest.raises(ValueError, match=message):
             make_dataset(data_cfg(tmp_path, dataset="folder", root=str(tmp_path), split=split),
                          8, 3)
-    with pytest.raises(ValueError, match="unknown dataset"):
+    with pytest.raises(ValueError, match="dataset must be one of"):
         make_dataset(DataConfig(dataset="imagenet"), 8, 3)
     with pytest.raises(ValueError, match="1 channel"):
         make_dataset(DataConfig(dataset="mnist"), 28, 3)

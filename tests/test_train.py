@@ -119,10 +119,10 @@ def test_cli_resume_goes_on_with_the_checkpoints_settings_and_folder(tiny_cfg, t
 
 
 def test_settings_are_checked_before_training(tiny_cfg, tmp_path):
-    for change, message in [({"steps": 0}, "steps must be at least 1, got 0"),
-                            ({"batch_size": -64}, "batch_size must be at least 1, got -64"),
-                            ({"sample_every": -1}, "sample_every must be at least 0"),
-                            ({"eval_every": 5, "eval_n": 1}, "eval_n must be at least 2")]:
+    for change, message in [({"steps": 0}, "steps must be an integer >= 1; got 0"),
+                            ({"batch_size": -64}, "batch_size must be an integer >= 1; got -64"),
+                            ({"sample_every": -1}, "sample_every must be an integer >= 0"),
+                            ({"eval_every": 5, "eval_n": 1}, "eval_n must be an integer >= 2")]:
         with pytest.raises(ValueError, match=message):
             smol_diffusion.train(tiny_cfg.override(**change), progress=False)
     assert not (tmp_path / "run").exists()
