@@ -1,6 +1,8 @@
 """Every dataset layout on fixture folders made here, the image cache, batches and flips, and
 the errors for bad input."""
 import os
+import shutil
+import subprocess
 import sys
 
 import pytest
@@ -10,8 +12,10 @@ from PIL import Image
 from conftest import write_image
 from smol_diffusion import DataConfig
 from smol_diffusion.batches import DROPOUT, ORDER, STEP, batch_indices, stream_seed, to_device
-from smol_diffusion.data import (DatasetError, cached_images, find_images, make_dataset,
-                                 mnist_5k, mnist_5k_arrays, stanford_cars_files)
+from smol_diffusion.data import (DatasetError, cached_images, find_images, load_image,
+                                 make_dataset, mnist_5k, mnist_5k_arrays, stanford_cars_files)
+
+data = sys.modules["smol_diffusion.data"]
 
 
 def data_cfg(tmp_path, **kw):
@@ -171,3 +175,140 @@ def test_empty_or_missing_folder(tmp_path):
         make_dataset(DataConfig(dataset="imagenet"), 8, 3)
     with pytest.raises(ValueError, match="1 channel"):
         make_dataset(DataConfig(dataset="mnist"), 28, 3)
+
+
+def decoded(tmp_path, images: dict, channels: int) -> torch.Tensor:
+    """`images` {file name: PIL image} saved under tmp_path/img and read through the image cache:
+    the mean of each channel of each, (N, C)."""
+    for name, img in images.items():
+        (tmp_path / "img").mkdir(exist_ok=True)
+        img.save(tmp_path / "img" / name)
+    paths = [tmp_path / "img" / name for name in images]
+    x = cached_images(paths, 4, channels, tmp_path / "cache", progress=False)  # (N, C, 4, 4)
+    return x.float().mean((2, 3))
+
+
+def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+    # Pillow opens a 16-bit PNG as I;16 (older versions: I); a TIFF can be I;16B or 32-bit I
+    size = (6, 4)
+    images = {"black.png": Image.new("I;16", size, 0), "grey.png": Image.new("I;16", size, 32768),
+              "big_endian.tif": Image.new("I;16B", size, 32768),
+              "int32.tif": Image.new("I", size, 32768), "white.png": Image.new("I;16", size, 65535)}
+    for channels in (1, 3):
+        assert decoded(tmp_path, images, channels).tolist() == [
+            [v] * channels for v in (0, 128, 128, 128, 255)]  # 32768 / 257 = 127.5
+    Image.new("I", size, 100_000).save(tmp_path / "wide.tif")  # 32-bit values: no agreed white
+    with pytest.raises(DatasetError, match=r"wide\.tif: its pixels range over 100000\.\.100000"):
+        load_image(tmp_path / "wide.tif", 4, 1)
+
+
+def test_transparency_is_composited_on_white_and_cmyk_converted(tmp_path):
+    size = (6, 4)
+    palette = Image.new("P", size, 1)
+    palette.putpalette([255, 0, 0, 0, 255, 0])  # 0: red, 1: green, here transparent
+    palette.info["transparency"] = 1
+    images = {"rgba.png": Image.new("RGBA", size, (255, 0, 0, 0)),  # transparent red
+              "half.png": Image.new("RGBA", size, (0, 0, 0, 128)),  # half-transparent black
+              "la.png": Image.new("LA", size, (0, 0)), "pa.tif": Image.new("PA", size, (0, 0)),
+              "palette.png": palette, "palette.gif": palette,
+              "opaque.png": palette.point(lambda i: 0),  # index 0: red, opaque
+              "cmyk.jpg": Image.new("CMYK", size, (0, 255, 255, 0))}  # red
+    white, grey, red = [255] * 3, [127] * 3, [255, 0, 0]  # grey: 255 * (1 - 128 / 255)
+    rgb = [white, grey, white, white, white, white, red, red]
+    assert decoded(tmp_path, images, 3).tolist() == rgb
+    assert decoded(tmp_path, images, 1).tolist() == [[255], [127], [255], [255], [255], [255],
+                                                     [76], [76]]  # red's luma: 0.299 * 255
+    for mode in ("La", "RGBa"):  # premultiplied alpha: Pillow writes no file of these
+        img = Image.new(mode, size, (0,) * len(mode))
+        assert data.to_8bit(img, "RGB").getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_exif_orientation_turns_photos_upright(tmp_path):
+    img = Image.new("L", (16, 8), 255)
+    img.paste(0, (0, 0, 8, 8))  # left half black, as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to view, so the left is on top
+    img.save(tmp_path / "photo.png", exif=exif)
+    x = load_image(tmp_path / "photo.png", 8, 1)[0]  # the centre 8 rows of the upright 8 x 16
+    assert (x[:4] == 0).all() and (x[4:] == 255).all()
+
+
+def test_decompression_bomb_names_the_file_and_the_way_on(tmp_path, monkeypatch):
+    write_image(tmp_path / "img" / "huge.png")  # 40 x 30 = 1,200 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # Pillow refuses over twice this
+    with pytest.raises(DatasetError,
+                       match=r"huge\.png.*1200 pixels.*raise PIL\.Image\.MAX_IMAGE_PIXELS"):
+        make_dataset(data_cfg(tmp_path, dataset="folder", root=str(tmp_path / "img")), 8, 3,
+                     progress=False)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="any bytes make a file name only on Linux")
+def test_a_file_name_that_is_not_utf8_trains_and_its_errors_print(tmp_path):
+    folder, name = tmp_path / "img", os.fsdecode(b"caf\xe9")  # Latin-1: \xe9 is not UTF-8
+    write_image(folder / f"{name}.png", color=(9, 0, 0))
+    cfg = data_cfg(tmp_path, dataset="folder", root=str(folder))
+    assert make_dataset(cfg, 8, 3, progress=False).images[0, 0].float().mean() == 9
+    (folder / f"{name}.jpg").write_bytes(b"not an image")
+    with pytest.raises(DatasetError) as error:
+        make_dataset(cfg, 8, 3, progress=False)
+    message = str(error.value)
+    assert "caf\\xe9.jpg" in message and message.encode("utf-8")  # prints on any terminal
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system (tmpfs) to fill; skips where mounting is not permitted (not root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
+    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (it takes root)")
+    yield disk
+    # lazy: a failed test's traceback may still hold a memory map of a file there
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def images_on(tmp_path, n: int = 5) -> list:
+    """The paths of `n` small images written under tmp_path/img."""
+    for i in range(n):
+        write_image(tmp_path / "img" / f"{i}.png")
+    return find_images(tmp_path / "img")
+
+
+def test_a_cache_too_big_for_the_disk_is_refused_before_writing(tmp_path, small_disk,
+                                                                 monkeypatch):
+    # unchecked, the build would die of SIGBUS while decoding, leaving its .tmp file
+    monkeypatch.delattr(os, "posix_fallocate", raising=False)  # as on macOS: nothing reserved
+    with pytest.raises(OSError, match=r"no space for the image cache .*/disk/cache/images_300px"
+                       r".*needs about 1\.4 MB and 1\.0 MB is free"):  # 5 x 3 x 300 x 300 bytes
+        cached_images(images_on(tmp_path), 300, 3, small_disk / "cache", progress=False)
+    assert list((small_disk / "cache").iterdir()) == []
+
+
+def test_a_disk_filling_during_the_build_fails_clearly(tmp_path, small_disk, monkeypatch):
+    # the blocks reserved before decoding turn the SIGBUS this would be into ENOSPC
+    check = data.require_space
+
+    def check_then_fill(path, needed, what):  # another program takes the space after the check
+        check(path, needed, what)
+        with open(small_disk / "other", "wb") as f:  # all but 16 kB, room for a sparse file
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - 16384)
+
+    monkeypatch.setattr(data, "require_space", check_then_fill)
+    with pytest.raises(OSError, match=r"no space for the image cache .*/disk/cache/images_64px"
+                       r".*needs about 65\.5 kB and [\d.]+ kB is free"):  # 5 x 3 x 64 x 64 + 4096
+        cached_images(images_on(tmp_path), 64, 3, small_disk / "cache", progress=False)
+    assert list((small_disk / "cache").iterdir()) == []
+
+
+def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    stale = cache / f"images_8px_3ch_0123456789abcdef.{gone.pid}.tmp"
+    running = cache / f"images_8px_3ch_0123456789abcdef.{os.getppid()}.tmp"  # another build's
+    stale.write_bytes(b"half a cache")
+    running.write_bytes(b"half a cache")
+    cached_images(images_on(tmp_path, 1), 8, 3, cache, progress=False)
+    assert not stale.exists() and running.exists()

@@ -1,0 +1,70 @@
+"""Files that never lose a run's work: free space checked before a large write, out-of-space
+errors that say so, temporary files that do not outlive the write they belong to."""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+from pathlib import Path
+
+
+def shown(path: str | Path) -> str:
+    """A path as text that can always be printed: bytes that are not valid in the file
+    system's encoding (a name written on another system) are shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def size_text(n: int) -> str:
+    """Bytes for a person: 612.4 MB."""
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+def no_space(path: str | Path, needed: int, what: str) -> OSError:
+    """The error for `what` not fitting at `path`: the folder, the space needed and free."""
+    folder = Path(path).parent
+    free = shutil.disk_usage(folder).free
+    return OSError(errno.ENOSPC, f"no space for {what} {shown(path)}: it needs about "
+                   f"{size_text(needed)} and {size_text(free)} is free on that disk; free some "
+                   "space there, or write to another folder")
+
+
+def require_space(path: str | Path, needed: int, what: str) -> None:
+    """Raise `no_space` before writing `needed` bytes at `path` if they would not fit."""
+    if shutil.disk_usage(Path(path).parent).free < needed:
+        raise no_space(path, needed, what)
+
+
+def ran_out_of_space(e: BaseException) -> bool:
+    """Whether `e`, or an error it was raised from, is the disk filling up (ENOSPC, or a quota:
+    EDQUOT). torch.save's writer reports it as `unexpected pos` from inline_container.cc."""
+    while e is not None:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            return True
+        if isinstance(e, RuntimeError) and "unexpected pos" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def remove_stale(folder: Path, pattern: str, alive=lambda path: False) -> None:
+    """Delete the files in `folder` matching `pattern` that a killed writer left behind, all
+    but those for which `alive(path)` says their writer still runs."""
+    for p in folder.glob(pattern):
+        if not alive(p):
+            p.unlink(missing_ok=True)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs on this machine."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, and belongs to another user
+        return True
+    return True
+
