@@ -52,3 +52,14 @@ def to_device(batch: torch.Tensor, device: torch.device,
     if flip is not None:
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     return x
+
+
+def step_randomness(seed: int, step: int, shape: tuple[int, ...], T: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The random draws of one training step for a global batch of `shape` (B, C, H, W), from a
+    generator seeded by (seed, step): timesteps t (B,), noise like the images, and uniforms
+    (B, 2) for the flips and the label dropout."""
+    g = torch.Generator(device).manual_seed(stream_seed(seed, STEP, step))
+    t = torch.randint(0, T, shape[:1], generator=g, device=device)
+    noise = torch.randn(shape, generator=g, device=device)
+    return t, noise, torch.rand(shape[0], 2, generator=g, device=device)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from .config import Config, DiffusionConfig, ModelConfig
+from .config import Config, DiffusionConfig, ModelConfig, TrainConfig
+from .files import no_space, ran_out_of_space, remove_stale, shown
 from .hardware import pick_device
 from .samplers import sample
 from .schedule import NoiseSchedule
@@ -22,10 +23,15 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write `state` to `path` through a temporary file and a rename.
 
     The rename is atomic, so a crash mid-write leaves the previous checkpoint (or nothing),
-    never half of one.
+    never half of one. Weights that are not finite are refused: they would replace a good
+    checkpoint with one that samples blank images. A full disk is said as such, with the space
+    needed and free; temporary files that killed saves left beside `path` are removed first
+    (one live run per folder: see `files.lock_folder`).
     """
     path = Path(path)
+    check_finite(state, path, "refusing to write")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, f".{path.name}.*.tmp")
     # a new file made as open() makes one (the umask applies; mkstemp's would be owner-only)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
@@ -35,9 +41,35 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if ran_out_of_space(e):  # about the weights' size, plus pickle's share
+            needed = sum(t.nbytes for t in _tensors(state)) + 2**20
+            raise no_space(path, needed, "checkpoint") from e
         raise
+
+
+def _tensors(obj):
+    """Every tensor in a nest of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def check_finite(state: dict, path: str | Path, doing: str) -> None:
+    """Raise if the model or EMA weights in `state` hold NaN or infinity, naming the file and
+    the first tensor: a run that diverged, or a file that rotted."""
+    for part in ("model", "ema"):
+        for name, t in state.get(part, {}).items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"{doing} {shown(path)}: its {part} weight {name} holds NaN or "
+                                 "infinite values (a diverged run?). Resume from an earlier "
+                                 "checkpoint with a lower lr, or train anew")
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -53,7 +85,26 @@ def read_checkpoint(path: str | Path) -> dict:
         found = sorted(state)[:8] if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} is not a smol_diffusion checkpoint: it needs the keys "
                          f"{', '.join(REQUIRED_KEYS)}, found {found}")
+    check_finite(state, path, "refusing to load")
     return state
+
+
+def check_out_dir(tc: TrainConfig) -> None:
+    """Refuse, before any work, a run that would replace a checkpoint it does not continue:
+    a new run into a folder holding one (unless `overwrite`), or a resume into a folder
+    holding another."""
+    ours = Path(tc.out_dir) / "ckpt.pt"  # what this run writes
+    if not ours.is_file():
+        return
+    if not tc.resume and not tc.overwrite:
+        raise ValueError(f"{ours} already holds a checkpoint, which this new run would replace; "
+                         f"continue that run with --resume {ours} (resume='{ours}'), or start "
+                         "a new one in another --out_dir; --overwrite true replaces it")
+    if tc.resume and Path(tc.resume).is_file() and not ours.samefile(tc.resume):
+        beside = Path(tc.resume).parent
+        there = "" if beside.resolve() == ours.parent.resolve() else f" ({beside}: beside it)"
+        raise ValueError(f"resuming {tc.resume} would overwrite {ours}, another checkpoint; "
+                         f"move that one away, or set out_dir to another folder{there}")
 
 
 # The diffusion fields that define what the network learns (the forward process and the

@@ -1,11 +1,19 @@
 """Files that never lose a run's work: free space checked before a large write, out-of-space
-errors that say so, temporary files that do not outlive the write they belong to."""
+errors that say so, temporary files that do not outlive the write they belong to, and one live
+run per output folder."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import socket
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
 
 
 def shown(path: str | Path) -> str:
@@ -68,3 +76,32 @@ def pid_alive(pid: int) -> bool:
         return True
     return True
 
+
+@contextlib.contextmanager
+def lock_folder(folder: Path):
+    """Hold `folder/.lock` while a run writes there, so a second run started into the same
+    folder is refused instead of replacing its checkpoint at every save. The lock is the
+    operating system's (flock), so it goes with the process that held it, however that process
+    ended: a killed run leaves nothing that blocks the next. Creating the folder and the lock
+    file is also the test that the folder can be written, done before any training. Where
+    there is no flock (Windows), the folder is only test-written."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        f = open(folder / ".lock", "a+")
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write to the output folder {shown(folder)} "
+                      f"({e.strerror}); choose another out_dir") from None
+    with f:
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "another process"
+                raise BlockingIOError(errno.EAGAIN, f"another run is writing to "
+                                      f"{shown(folder)} ({holder}); wait for it to finish, "
+                                      "stop it, or choose another out_dir") from None
+            f.truncate(0)
+            f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+        yield

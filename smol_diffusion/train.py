@@ -18,14 +18,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from .batches import DROPOUT, STEP, batch_indices, stream_seed, to_device
-from .checkpoint import (Checkpoint, check_same_model, load_weights, read_checkpoint,
-                         save_checkpoint)
+from .batches import DROPOUT, batch_indices, step_randomness, stream_seed, to_device
+from .checkpoint import (Checkpoint, check_out_dir, check_same_model, load_weights,
+                         read_checkpoint, save_checkpoint)
 from .config import PRESETS, Config, all_fields, get_preset, parse_field
 from .data import make_dataset
 from .diffusion import simple_loss
 from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
+from .files import lock_folder
 from .hardware import autocast, compile_model, distributed_env, pick_device, use_bf16
+from .interrupts import Interrupts
 from .schedule import NoiseSchedule
 from .unet import UNet
 from .viz import display_inline, save_grid
@@ -54,6 +56,13 @@ def train(cfg: Config, progress: bool = True) -> dict:
     sample grid from the EMA model to `out_dir/samples_<step>.png` every `sample_every` steps
     and at the end (shown inline in a notebook). Resumes from `cfg.train.resume` if set.
 
+    A run owns its folder: a new run into one that holds a checkpoint is refused unless
+    `overwrite`, and so is a second live run there. A step whose gradient is not finite (one
+    bad batch) is skipped and counted in `history["skipped"]`; when over half the steps between
+    two loss readings are, the run has diverged and stops with `TrainingDiverged` before it
+    writes another checkpoint. Ctrl-C (a notebook's Interrupt) or SIGTERM writes a checkpoint
+    at the step reached and returns the history so far; `resume` goes on from exactly there.
+
     Under torchrun (several processes) this is distributed data-parallel training: each
     process takes its share of every global batch of `batch_size` images, gradients are averaged
     (NCCL on CUDA, gloo on CPU), and only rank 0 writes files. The noise, timesteps, flips and
@@ -62,16 +71,24 @@ def train(cfg: Config, progress: bool = True) -> dict:
     resumes on another number where it stopped; dropout is seeded by (seed, step, rank), so a
     resume on the same number of processes is exact with it too.
     """
-    tc, mc = cfg.train, cfg.model  # every field was checked when cfg was built (config.py)
+    tc = cfg.train  # every field was checked when cfg was built (config.py)
+    rank = distributed_env()[0]
+    check_out_dir(tc)
+    with (lock_folder(Path(tc.out_dir)) if rank == 0 else contextlib.nullcontext()), \
+            Interrupts(enabled=rank == 0) as interrupts:
+        return _train(cfg, progress, interrupts)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradients stopped being finite; the message says what to try."""
+
+
+def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
+    """`train` once its output folder is its own: setup, then the numbered loop."""
+    tc, mc = cfg.train, cfg.model
     rank, world, local_rank = distributed_env()
     out_dir = Path(tc.out_dir)
-    ours = out_dir / "ckpt.pt"  # what this run writes
-    if (tc.resume and ours.is_file() and Path(tc.resume).is_file()
-            and not ours.samefile(tc.resume)):
-        beside = Path(tc.resume).parent
-        there = "" if beside.resolve() == ours.parent.resolve() else f" ({beside}: beside it)"
-        raise ValueError(f"resuming {tc.resume} would overwrite {ours}, another checkpoint; "
-                         f"move that one away, or set out_dir to another folder{there}")
+    ours = out_dir / "ckpt.pt"
     if tc.batch_size % (world * tc.grad_accum):
         raise ValueError(f"batch_size {tc.batch_size} does not split into {world} processes x "
                          f"{tc.grad_accum} accumulation steps; make it a multiple of "
@@ -121,7 +138,8 @@ def train(cfg: Config, progress: bool = True) -> dict:
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                             fused=fused, foreach=None if fused else True)
-    step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "eval": []}
+    step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "eval": [],
+                     "skipped": 0}
     if tc.resume:
         state = read_checkpoint(tc.resume)
         check_same_model(state, cfg, tc.resume)
@@ -158,99 +176,135 @@ def train(cfg: Config, progress: bool = True) -> dict:
             "step": step, "config": dataclasses.asdict(cfg), "history": history,
             "classes": classes})
 
+    def read_log() -> None:
+        """Read the loss back (the one synchronisation), record it, stop a diverged run."""
+        nonlocal n_sum, t_last, step_last
+        if world > 1:
+            dist.all_reduce(sums)
+        loss_total, bad = (v / world for v in sums.tolist())
+        now = time.time()
+        rate = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
+        loss = loss_total / (n_sum - bad) if n_sum > bad else math.nan
+        history["step"].append(step)
+        history["loss"].append(loss)
+        history["lr"].append(lr)
+        history["img_per_s"].append(rate)
+        history["skipped"] += int(bad)
+        bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}",
+                        **({"skipped": history["skipped"]} if history["skipped"] else {}))
+        if bad > n_sum / 2 or not math.isfinite(loss):
+            kept = f"{ours} was left as it was" if ours.is_file() else "nothing was saved"
+            raise TrainingDiverged(
+                f"training diverged at step {step}: {bad:.0f} of the last {n_sum} steps had a "
+                f"non-finite loss or gradient (mean loss {loss:.4g}); {kept}. Try a lower lr "
+                f"(it is {tc.lr:g}), a longer warmup ({tc.warmup}) or a smaller grad_clip "
+                f"({tc.grad_clip:g})" + (f", resuming with --resume {ours}" if ours.is_file()
+                                          else ""))
+        sums.zero_()
+        n_sum, t_last, step_last = 0, now, step
+
     model.train()
     # Resume mid-epoch: the same order as an uninterrupted run, minus the batches already seen.
     epoch, skip = divmod(step, steps_per_epoch)
     mine = slice(rank * local, (rank + 1) * local)  # this process's share of a global batch
     bar = tqdm(total=tc.steps, initial=step, disable=not progress or rank > 0, desc="train")
-    loss_sum, n_sum, t_last, step_last = torch.zeros((), device=device), 0, time.time(), step
-    while step < tc.steps:
-        for idx in batch_indices(len(images), tc.batch_size, tc.seed, epoch, skip, rank, world):
-            torch.manual_seed(stream_seed(tc.seed, DROPOUT, step, rank))  # per process
-            # 1. learning rate
-            lr = lr_at(step, tc)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            # 2. this step's randomness, drawn for the global batch, and this process's data
-            t, noise, u = step_randomness(tc.seed, step, (tc.batch_size, *images.shape[1:]),
-                                          schedule.T, device)
-            t, noise, u = t[mine], noise[mine], u[mine]
-            x0 = to_device(images[idx], device, u[:, 0] < 0.5 if cfg.data.hflip else None)
-            x0 = x0.contiguous(memory_format=fmt)  # (B_local, C, H, W) in [-1, 1]
-            y = None
-            if mc.num_classes:  # classifier-free guidance: some labels become "no label"
-                y = torch.where(u[:, 1] < tc.label_dropout, mc.num_classes,
-                                labels[idx].to(device, non_blocking=True))
-            # 3. forward / backward, in `grad_accum` micro-batches; DDP averages at the last
-            opt.zero_grad(set_to_none=True)
-            for k in range(tc.grad_accum):
-                part = slice(k * micro, (k + 1) * micro)
-                sync = contextlib.nullcontext() if world == 1 or k == tc.grad_accum - 1 \
-                    else ddp.no_sync()
-                with sync:
-                    with autocast(device, bf16):
-                        loss = simple_loss(net, schedule, x0[part], cfg.diffusion.min_snr_gamma,
-                                           cfg.diffusion.prediction, t=t[part],
-                                           noise=noise[part], y=None if y is None else y[part])
-                    (loss / tc.grad_accum).backward()
-                loss_sum += loss.detach() / tc.grad_accum
-            # 4. clip, step
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            opt.step()
-            # 5. EMA: ema <- ema + (1 - decay) (params - ema); the same on every process
-            torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(step, tc.ema_decay))
-            step += 1
-            n_sum += 1
-            bar.update(1)
-            # 6. log: the only place the loss is read back from the device
-            if step % tc.log_every == 0 or step == tc.steps:
-                if world > 1:
-                    dist.all_reduce(loss_sum)
-                    loss_sum /= world
-                now = time.time()
-                rate = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
-                history["step"].append(step)
-                history["loss"].append(loss_sum.item() / n_sum)
-                history["lr"].append(lr)
-                history["img_per_s"].append(rate)
-                bar.set_postfix(loss=f"{history['loss'][-1]:.4f}", img_s=f"{rate:.0f}")
-                loss_sum.zero_()
-                n_sum, t_last, step_last = 0, now, step
-            # 7. sample and evaluate, 8. checkpoint: rank 0 only
-            if (rank == 0 and tc.sample_every and tc.sample_n and step % tc.sample_every == 0
-                    and step < tc.steps):
-                write_samples()
-            if rank == 0 and tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-                history["eval"].append(run_eval())
-                bar.set_postfix(loss=f"{history['loss'][-1]:.4f}",
-                                fid=f"{history['eval'][-1]['fid']:.3g}")
-            if (rank == 0 and tc.checkpoint_every and step % tc.checkpoint_every == 0
-                    and step < tc.steps):
-                write_checkpoint()
-            if step >= tc.steps:
-                break
-        epoch, skip = epoch + 1, 0
+    # the loss summed over the steps that were finite, and the steps that were not
+    sums, n_sum, t_last, step_last = torch.zeros(2, device=device), 0, time.time(), step
+    saved, interrupted = step, False  # the step whose weights are on disk (or came from it)
+    try:
+        while step < tc.steps:
+            for idx in batch_indices(len(images), tc.batch_size, tc.seed, epoch, skip, rank,
+                                     world):
+                torch.manual_seed(stream_seed(tc.seed, DROPOUT, step, rank))  # per process
+                # 1. learning rate
+                lr = lr_at(step, tc)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                # 2. this step's randomness, drawn for the global batch, and this process's data
+                t, noise, u = step_randomness(tc.seed, step, (tc.batch_size, *images.shape[1:]),
+                                              schedule.T, device)
+                t, noise, u = t[mine], noise[mine], u[mine]
+                x0 = to_device(images[idx], device, u[:, 0] < 0.5 if cfg.data.hflip else None)
+                x0 = x0.contiguous(memory_format=fmt)  # (B_local, C, H, W) in [-1, 1]
+                y = None
+                if mc.num_classes:  # classifier-free guidance: some labels become "no label"
+                    y = torch.where(u[:, 1] < tc.label_dropout, mc.num_classes,
+                                    labels[idx].to(device, non_blocking=True))
+                # 3. forward / backward, in `grad_accum` micro-batches; DDP averages at the last
+                opt.zero_grad(set_to_none=True)
+                step_loss = torch.zeros((), device=device)
+                for k in range(tc.grad_accum):
+                    part = slice(k * micro, (k + 1) * micro)
+                    sync = contextlib.nullcontext() if world == 1 or k == tc.grad_accum - 1 \
+                        else ddp.no_sync()
+                    with sync:
+                        with autocast(device, bf16):
+                            loss = simple_loss(net, schedule, x0[part],
+                                               cfg.diffusion.min_snr_gamma,
+                                               cfg.diffusion.prediction, t=t[part],
+                                               noise=noise[part],
+                                               y=None if y is None else y[part])
+                        (loss / tc.grad_accum).backward()
+                    step_loss += loss.detach() / tc.grad_accum
+                # a signal waits while the weights, optimizer, EMA, step and log change together
+                with interrupts.held():
+                    # 4. clip, step: a step whose gradient is not finite (one bad batch) is
+                    # skipped on the device, without a synchronisation, and counted
+                    norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
+                    bad = ~torch.isfinite(norm)  # the same on every process (DDP averaged)
+                    if fused:  # the fused AdamW kernel skips the update where found_inf is 1
+                        opt.found_inf = bad.float()
+                        opt.step()
+                    elif not bad:  # MPS: one synchronisation a step
+                        opt.step()
+                    # 5. EMA: ema <- ema + (1 - decay) (params - ema); the same on every process
+                    torch._foreach_lerp_(ema_params, params,
+                                         1.0 - ema_decay_at(step, tc.ema_decay))
+                    sums += torch.stack([torch.where(bad, 0.0, step_loss), bad.float()])
+                    step += 1
+                    n_sum += 1
+                    bar.update(1)
+                    # 6. log, and before each checkpoint: the only reads from the device
+                    save_due = (tc.checkpoint_every and step % tc.checkpoint_every == 0
+                                and step < tc.steps)
+                    if step % tc.log_every == 0 or step == tc.steps or save_due:
+                        read_log()
+                # 7. sample and evaluate, 8. checkpoint: rank 0 only
+                if (rank == 0 and tc.sample_every and tc.sample_n
+                        and step % tc.sample_every == 0 and step < tc.steps):
+                    write_samples()
+                if rank == 0 and tc.eval_every and (step % tc.eval_every == 0
+                                                    or step == tc.steps):
+                    history["eval"].append(run_eval())
+                    bar.set_postfix(loss=f"{history['loss'][-1]:.4f}",
+                                    fid=f"{history['eval'][-1]['fid']:.3g}")
+                if rank == 0 and save_due:
+                    write_checkpoint()
+                    saved = step
+                if step >= tc.steps:
+                    break
+            epoch, skip = epoch + 1, 0
+    except KeyboardInterrupt:  # Ctrl-C, a notebook's Interrupt, SIGTERM: keep what was trained
+        interrupted = True
     bar.close()
-    if rank == 0:
-        write_checkpoint()
-        if tc.sample_n:
-            write_samples()
+    if rank == 0 and step > saved:  # the end, or where an interrupt stopped the run
+        with contextlib.suppress(KeyboardInterrupt), interrupts.held():  # Ctrl-C again waits
+            if n_sum and world == 1:
+                read_log()  # the steps since the last reading
+            write_checkpoint()
+    if interrupted:
+        if rank == 0:
+            tqdm.write(f"interrupted at step {step}: " + (
+                f"{ours} holds it; continue with --resume {ours} (resume='{ours}')"
+                if ours.is_file() else "nothing was saved"))
+        return history
+    if rank == 0 and tc.sample_n:
+        write_samples()
     if world > 1:
         dist.barrier()
         if own_group:
             dist.destroy_process_group()
     return history
-
-
-def step_randomness(seed: int, step: int, shape: tuple[int, ...], T: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The random draws of one training step for a global batch of `shape` (B, C, H, W), from a
-    generator seeded by (seed, step): timesteps t (B,), noise like the images, and uniforms
-    (B, 2) for the flips and the label dropout."""
-    g = torch.Generator(device).manual_seed(stream_seed(seed, STEP, step))
-    t = torch.randint(0, T, shape[:1], generator=g, device=device)
-    noise = torch.randn(shape, generator=g, device=device)
-    return t, noise, torch.rand(shape[0], 2, generator=g, device=device)
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -291,8 +345,12 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = parse_args(argv)
         history = train(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
+    except (ValueError, OSError, TrainingDiverged) as e:  # the message says how to fix it
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # before training began: nothing to keep
+        raise SystemExit(130) from None
+    if not history["step"] or history["step"][-1] < cfg.train.steps:  # interrupted, and saved
+        raise SystemExit(130)
     if distributed_env()[0] == 0:
         print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f}s, final loss "
               f"{history['loss'][-1]:.4f}; checkpoint and samples in {cfg.train.out_dir}/")

@@ -193,4 +193,4 @@ def test_training_without_its_extractor_stops_before_it_trains(tmp_path, monkeyp
                         or real_loss(*a, **k))
     with pytest.raises(FileNotFoundError, match="no FID Inception weights"):
         smol_diffusion.train(cfg, progress=False)
-    assert not steps and not (tmp_path / "run").exists()
+    assert not steps and not (tmp_path / "run" / "ckpt.pt").exists()

@@ -124,7 +124,7 @@ def test_conditional_training_and_guided_samples(tiny_cfg):
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
     with pytest.raises(ValueError, match="num_classes=5, but the dataset has 10 classes; set "
                                          "num_classes to 10"):
-        smol_diffusion.train(cfg.override(num_classes=5), progress=False)
+        smol_diffusion.train(cfg.override(num_classes=5, overwrite=True), progress=False)
 
 
 class ConstantClassifier(nn.Module):

@@ -31,7 +31,7 @@ def test_checkpoint_round_trip_and_resume(tiny_cfg, tmp_path):
     history = smol_diffusion.train(tiny_cfg, progress=False)
     out = tmp_path / "run"
     assert sorted(p.name for p in out.iterdir()) == [
-        "ckpt.pt", "samples_0000020.png", "samples_0000040.png"]
+        ".lock", "ckpt.pt", "samples_0000020.png", "samples_0000040.png"]
     ckpt = load_checkpoint(out / "ckpt.pt", device="cpu")
     assert ckpt.step == 40 and ckpt.config == tiny_cfg
     assert not ckpt.model.training
@@ -135,7 +135,7 @@ def test_settings_are_checked_before_training(tiny_cfg, tmp_path):
     assert tiny_cfg.override(T=10, sample_steps=3).diffusion.T == 10  # changed together
     # sample_n=0: no grids, also at the sample interval
     smol_diffusion.train(tiny_cfg.override(steps=20, sample_every=10, sample_n=0), progress=False)
-    assert [p.name for p in (tmp_path / "run").iterdir()] == ["ckpt.pt"]
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "ckpt.pt"]
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
@@ -223,7 +223,7 @@ def _speed_cfg(tiny_cfg):
     """Four steps of a one-level network, the loss read at each."""
     return tiny_cfg.override(channel_mults=(1,), num_res_blocks=1, attn_resolutions=(8,),
                              steps=4, log_every=1, sample_every=0, sample_n=0,
-                             checkpoint_every=0)
+                             checkpoint_every=0, overwrite=True)
 
 
 def test_compile_trains_exactly_like_eager(tiny_cfg):

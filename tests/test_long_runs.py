@@ -1,0 +1,349 @@
+"""Long runs never lose their work: a run owns its folder, a diverged run stops before it
+writes NaN weights, Ctrl-C and SIGTERM keep what was trained, a full disk is said as such, and
+a run killed at any moment (SIGKILL, even mid-save) resumes to the same weights as one that
+never stopped."""
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import smol_diffusion
+from smol_diffusion import load_checkpoint
+from smol_diffusion.checkpoint import read_checkpoint, save_checkpoint
+from smol_diffusion.files import lock_folder
+from smol_diffusion.interrupts import Interrupts
+from smol_diffusion.train import TrainingDiverged
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def small_disk(tmp_path, size: str, options: str = ""):
+    """A tmpfs of `size` mounted at tmp_path/disk (root only: skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs",
+                        str(disk)], capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a small disk here: {r.stderr.decode().strip()}")
+    return disk
+
+
+@pytest.fixture
+def unmount(tmp_path):
+    yield
+    subprocess.run(["umount", str(tmp_path / "disk")], capture_output=True)
+
+
+# --- a run owns its folder ------------------------------------------------------------------
+
+def test_a_new_run_into_a_folder_with_a_checkpoint_is_refused(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.override(steps=3, sample_n=0)
+    smol_diffusion.train(cfg, progress=False)
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a checkpoint.*--resume .*ckpt.pt.*"
+                                         r"another --out_dir; --overwrite true replaces it"):
+        smol_diffusion.train(cfg.override(steps=5), progress=False)
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    smol_diffusion.train(cfg.override(steps=5, overwrite=True), progress=False)
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 5
+
+
+def test_a_second_live_run_in_a_folder_is_refused_and_a_killed_one_blocks_nothing(tiny_cfg,
+                                                                                   tmp_path):
+    cfg = tiny_cfg.override(steps=3, sample_n=0)
+    with lock_folder(tmp_path / "run"):
+        with pytest.raises(BlockingIOError, match=rf"another run is writing to .*run \(process "
+                                                  rf"{os.getpid()} on "):
+            smol_diffusion.train(cfg, progress=False)
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from smol_diffusion.files import lock_folder; "
+                               "lock = lock_folder(Path(sys.argv[1])); lock.__enter__(); "
+                               "print(1, flush=True); "
+                               "time.sleep(60)", str(tmp_path / "run")],
+                              cwd=ROOT, stdout=subprocess.PIPE)
+    assert holder.stdout.readline() == b"1\n"  # it holds the lock
+    with pytest.raises(BlockingIOError, match=f"process {holder.pid} on"):
+        smol_diffusion.train(cfg, progress=False)
+    holder.kill()
+    holder.wait()
+    smol_diffusion.train(cfg, progress=False)  # the killed holder's lock went with it
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 3
+
+
+def test_an_output_folder_that_cannot_be_written_stops_the_run_before_it_trains(
+        tiny_cfg, tmp_path, monkeypatch, unmount):
+    monkeypatch.setattr(sys.modules["smol_diffusion.train"], "make_dataset",
+                        lambda *a: pytest.fail("the dataset was built"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="cannot write to the output folder .*file/run .*choose "
+                                      "another out_dir"):
+        smol_diffusion.train(tiny_cfg.override(out_dir=str(tmp_path / "file" / "run")))
+    disk = small_disk(tmp_path, "1m", ",ro")
+    with pytest.raises(OSError, match=r"cannot write to the output folder .*disk/run "
+                                      r"\(Read-only file system\)"):
+        smol_diffusion.train(tiny_cfg.override(out_dir=str(disk / "run")))
+
+
+# --- divergence -----------------------------------------------------------------------------
+
+def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_path):
+    cfg = tiny_cfg.override(steps=20, sample_n=0, log_every=5, checkpoint_every=10)
+    with pytest.raises(TrainingDiverged, match=r"diverged at step \d+: \d+ of the last 5 steps "
+                                               r"had a non-finite .*nothing was saved. Try a "
+                                               r"lower lr \(it is 1000\)"):
+        smol_diffusion.train(cfg.override(lr=1e3), progress=False)
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    smol_diffusion.train(cfg, progress=False)
+    path = tmp_path / "run" / "ckpt.pt"
+    before = path.read_bytes()
+    with pytest.raises(TrainingDiverged, match="was left as it was.*--resume"):
+        smol_diffusion.train(cfg.override(lr=10.0, steps=60, resume=str(path)), progress=False)
+    assert path.read_bytes() == before
+
+
+def test_one_bad_batch_is_skipped_and_counted(tiny_cfg, monkeypatch):
+    """A NaN loss at one step: that update is skipped (the weights stay finite and the run goes
+    on), and history["skipped"] counts it."""
+    train_module = sys.modules["smol_diffusion.train"]
+    real_loss, calls = train_module.simple_loss, []
+
+    def loss_with_one_nan(*args, **kwargs):
+        calls.append(1)
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if len(calls) == 7 else loss
+
+    monkeypatch.setattr(train_module, "simple_loss", loss_with_one_nan)
+    history = smol_diffusion.train(tiny_cfg.override(steps=20, sample_n=0, log_every=5),
+                                   progress=False)
+    assert history["skipped"] == 1 and all(map(torch.isfinite, map(torch.tensor,
+                                                                   history["loss"])))
+    ckpt = load_checkpoint(Path(tiny_cfg.train.out_dir) / "ckpt.pt")
+    assert all(torch.isfinite(p).all() for p in ckpt.model.parameters())
+
+
+def test_the_fused_optimizer_skips_an_update_where_found_inf_is_set():
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=0.1, weight_decay=0.1, fused=True)
+    w.grad = torch.ones(3)
+    opt.found_inf = torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(w.detach(), torch.ones(3)) and opt.state[w]["step"] == 0
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    assert (w.detach() < 1).all() and opt.state[w]["step"] == 1
+
+
+def test_non_finite_weights_are_neither_written_nor_loaded(tiny_cfg, tmp_path):
+    smol_diffusion.train(tiny_cfg.override(steps=2, sample_n=0), progress=False)
+    path = tmp_path / "run" / "ckpt.pt"
+    state = read_checkpoint(path)
+    name = next(iter(state["ema"]))
+    state["ema"][name][0] = float("nan")
+    with pytest.raises(ValueError, match=f"refusing to write {path}: its ema weight {name} "
+                                         "holds NaN"):
+        save_checkpoint(path, state)
+    torch.save(state, path)  # a file that rotted
+    with pytest.raises(ValueError, match=f"refusing to load {path}: its ema weight {name}"):
+        load_checkpoint(path)
+    r = subprocess.run([sys.executable, "-m", "smol_diffusion.sample", "--checkpoint", str(path),
+                        "--out", str(tmp_path / "grid.png")], cwd=ROOT, capture_output=True,
+                       text=True)
+    assert r.returncode == 1 and "refusing to load" in r.stderr
+    assert not (tmp_path / "grid.png").exists()
+
+
+# --- full disks -----------------------------------------------------------------------------
+
+def test_a_full_disk_is_named_and_leaves_the_last_checkpoint_whole(tmp_path, unmount):
+    disk = small_disk(tmp_path, "2m")
+    path = disk / "ckpt.pt"
+    save_checkpoint(path, {"model": {"w": torch.zeros(1000)}})
+    with pytest.raises(OSError, match=r"no space for checkpoint .*disk/ckpt.pt: it needs about "
+                                      r"5.0 MB and 2.\d MB is free on that disk"):
+        save_checkpoint(path, {"model": {"w": torch.zeros(1_000_000)}})  # 4 MB
+    assert sorted(p.name for p in disk.iterdir()) == ["ckpt.pt"]  # no temporary file
+    assert torch.load(path, weights_only=True)["model"]["w"].shape == (1000,)
+
+
+def test_the_next_save_removes_temporary_files_of_killed_saves(tmp_path):
+    stale = tmp_path / ".ckpt.pt.0123456789abcdef.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    (tmp_path / ".other.pt.0123456789abcdef.tmp").write_bytes(b"not ours")
+    save_checkpoint(tmp_path / "ckpt.pt", {"step": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pt.0123456789abcdef.tmp",
+                                                          "ckpt.pt"]
+
+
+# --- Ctrl-C and SIGTERM ---------------------------------------------------------------------
+
+def test_a_signal_inside_a_held_section_waits_for_its_end():
+    done = []
+    with pytest.raises(KeyboardInterrupt):
+        with Interrupts() as interrupts:
+            with interrupts.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)  # a signal is handled between bytecodes: it has arrived
+                done.append(1)
+            done.append(2)
+    assert done == [1]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+
+
+def test_an_interrupt_returns_the_history_and_resume_goes_on_exactly(tiny_cfg, tmp_path,
+                                                                     monkeypatch):
+    """The notebook's Interrupt, at step 13 of 30: a checkpoint of step 13, the history so far;
+    resuming from it ends where an uninterrupted run ends."""
+    cfg = tiny_cfg.override(steps=30, sample_every=0, sample_n=0, checkpoint_every=0,
+                            log_every=5, lr_schedule="constant")
+    straight = smol_diffusion.train(cfg.override(out_dir=str(tmp_path / "a")), progress=False)
+    train_module = sys.modules["smol_diffusion.train"]
+    real_lr = train_module.lr_at
+
+    def lr_then_interrupt(step, tc):
+        if step == 13:
+            raise KeyboardInterrupt
+        return real_lr(step, tc)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_then_interrupt)
+    part = smol_diffusion.train(cfg.override(out_dir=str(tmp_path / "b")), progress=False)
+    assert part["step"] == [5, 10, 13]
+    path = tmp_path / "b" / "ckpt.pt"
+    assert load_checkpoint(path).step == 13
+    monkeypatch.undo()
+    resumed = smol_diffusion.train(cfg.override(out_dir=str(tmp_path / "b"), resume=str(path)),
+                                   progress=False)
+    assert resumed["step"][-1] == 30
+    a, b = read_checkpoint(tmp_path / "a" / "ckpt.pt"), read_checkpoint(path)
+    for part_name in ("model", "ema"):
+        for k, v in a[part_name].items():
+            torch.testing.assert_close(b[part_name][k], v)
+    assert resumed["loss"][-1] == pytest.approx(straight["loss"][-1], rel=1e-4)
+
+
+def _train_args(out: Path, steps: int, **extra) -> list[str]:
+    """The command line of a small run that a test interrupts or kills."""
+    args = {"preset": "demo", "image_size": 8, "channels": 8, "channel_mults": "1,2",
+            "steps": steps, "batch_size": 16, "warmup": 5, "log_every": 5, "sample_n": 0,
+            "lr_schedule": "constant", "out_dir": str(out)} | extra
+    return [sys.executable, "-m", "smol_diffusion.train",
+            *[s for k, v in args.items() for s in (f"--{k}", str(v))]]
+
+
+def _start(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def _holds_lock(folder: Path, pid: int) -> bool:
+    lock = folder / ".lock"
+    return lock.exists() and f"process {pid} " in lock.read_text()
+
+
+def _wait_until(condition, timeout: float = 120.0) -> None:
+    t0 = time.time()
+    while not condition():
+        assert time.time() - t0 < timeout, "timed out"
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_or_sigterm_writes_a_checkpoint_and_resume_goes_on(tmp_path, sig):
+    out = tmp_path / "run"
+    p = _start(_train_args(out, 100_000, checkpoint_every=0))
+    _wait_until(lambda: _holds_lock(out, p.pid))
+    time.sleep(1)  # training
+    p.send_signal(sig)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 130, stderr
+    step = load_checkpoint(out / "ckpt.pt").step
+    assert 0 < step < 100_000
+    assert f"interrupted at step {step}: {out / 'ckpt.pt'} holds it; continue with --resume" \
+        in stdout
+    r = subprocess.run(_train_args(out, step + 3)[:2] + ["smol_diffusion.train", "--resume",
+                                                         str(out / "ckpt.pt"), "--steps",
+                                                         str(step + 3)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out / "ckpt.pt").step == step + 3
+
+
+def test_a_second_ctrl_c_during_that_save_does_not_break_it(tmp_path):
+    """The second SIGINT is sent while the interrupt's checkpoint is being written (its
+    temporary file is there): the save completes all the same."""
+    out = tmp_path / "run"
+    for _ in range(5):  # the save takes milliseconds: try again if it was missed
+        p = _start(_train_args(out, 100_000, checkpoint_every=0, overwrite="true"))
+        _wait_until(lambda: _holds_lock(out, p.pid))
+        time.sleep(1)
+        p.send_signal(signal.SIGINT)
+        saw_save = False
+        while p.poll() is None:
+            if any(out.glob(".ckpt.pt.*.tmp")):
+                p.send_signal(signal.SIGINT)
+                saw_save = True
+                break
+        stdout, _ = p.communicate(timeout=120)
+        assert p.returncode == 130
+        if saw_save:
+            break
+    assert saw_save
+    step = load_checkpoint(out / "ckpt.pt").step
+    assert step > 0 and f"interrupted at step {step}" in stdout
+    assert not any(out.glob(".ckpt.pt.*.tmp"))
+
+
+# --- SIGKILL at random moments ---------------------------------------------------------------
+
+def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_weights(tmp_path):
+    """A real training process is killed with SIGKILL again and again: at random moments, and
+    the moment a checkpoint's temporary file appears (mid-write). After every kill the
+    checkpoint loads and its step never goes back; `--resume` each time, and the final weights
+    are those of a run that was never killed."""
+    steps, rng = 240, random.Random(0)
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    r = subprocess.run(_train_args(reference, steps, checkpoint_every=1), cwd=ROOT,
+                       capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    kills, mid_write, resumes, last_step, lost = 0, 0, 0, 0, []
+    while True:
+        ckpt = out / "ckpt.pt"
+        args = _train_args(out, steps, checkpoint_every=1)
+        if ckpt.exists():
+            args = args[:2] + ["smol_diffusion.train", "--resume", str(ckpt)]
+            resumes += 1
+        p = _start(args)
+        if kills < 12:
+            if kills % 2:  # the moment a checkpoint is being written
+                _wait_until(lambda: p.poll() is not None or any(out.glob(".ckpt.pt.*.tmp")))
+            else:  # any moment once this process holds the folder: setup, steps, saves
+                _wait_until(lambda: p.poll() is not None or _holds_lock(out, p.pid))
+                time.sleep(rng.uniform(0, 1.5))
+            p.kill()
+        stdout, stderr = p.communicate(timeout=300)
+        if p.returncode == -signal.SIGKILL:
+            kills += 1
+            mid_write += any(out.glob(".ckpt.pt.*.tmp"))
+        step = load_checkpoint(ckpt).step if ckpt.exists() else 0  # loads, whatever was cut
+        assert step >= last_step
+        shown = [int(n) for n in re.findall(rf"(\d+)/{steps} ", stderr)]
+        lost.append(max(shown, default=0) - step)  # shown by the progress bar, not on disk
+        last_step = step
+        if p.returncode == 0:
+            break
+        assert p.returncode == -signal.SIGKILL, stderr
+    assert kills == 12 and mid_write >= 5 and resumes >= 6
+    assert not any(out.glob("*.tmp")) and not any(out.glob(".*.tmp"))
+    a, b = read_checkpoint(reference / "ckpt.pt"), read_checkpoint(out / "ckpt.pt")
+    assert b["step"] == steps
+    for part in ("model", "ema", "optimizer"):
+        torch.testing.assert_close(b[part], a[part])
+    print(f"{kills} kills ({mid_write} mid-write), {resumes} resumes, steps shown but not "
+          f"saved at most {max(lost)}")
