@@ -216,7 +216,7 @@ def profile_job(preset: str, variant: str, device: torch.device, folder: str) ->
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
         with profile(activities=activities, record_shapes=True) as prof:
             t0 = time.perf_counter()
-            sd.train(cfg, progress=False)
+            sd.train(cfg.override(overwrite=True), progress=False)  # the warm-up's folder
             wall = time.perf_counter() - t0
     events = [e for e in prof.key_averages() if not e.is_user_annotation and (
         e.device_type.name == "CUDA" and e.self_device_time_total > 0 if on_cuda

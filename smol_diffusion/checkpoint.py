@@ -63,13 +63,15 @@ def _tensors(obj):
 
 def check_finite(state: dict, path: str | Path, doing: str) -> None:
     """Raise if the model or EMA weights in `state` hold NaN or infinity, naming the file and
-    the first tensor: a run that diverged, or a file that rotted."""
-    for part in ("model", "ema"):
-        for name, t in state.get(part, {}).items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
-                raise ValueError(f"{doing} {shown(path)}: its {part} weight {name} holds NaN or "
-                                 "infinite values (a diverged run?). Resume from an earlier "
-                                 "checkpoint with a lower lr, or train anew")
+    the first such tensor: a run that diverged, or a file that rotted."""
+    weights = {(part, name): t for part in ("model", "ema")
+               for name, t in state.get(part, {}).items() if t.is_floating_point()}
+    if not weights or torch.stack([torch.isfinite(t).all() for t in weights.values()]).all():
+        return  # one synchronisation for all of them
+    part, name = next(k for k, t in weights.items() if not torch.isfinite(t).all())
+    raise ValueError(f"{doing} {shown(path)}: its {part} weight {name} holds NaN or infinite "
+                     "values (a diverged run?). Resume from an earlier checkpoint with a lower "
+                     "lr, or train anew")
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -91,20 +93,22 @@ def read_checkpoint(path: str | Path) -> dict:
 
 def check_out_dir(tc: TrainConfig) -> None:
     """Refuse, before any work, a run that would replace a checkpoint it does not continue:
-    a new run into a folder holding one (unless `overwrite`), or a resume into a folder
-    holding another."""
+    a new run into a folder holding one, or a resume into a folder holding another (unless
+    `overwrite`)."""
     ours = Path(tc.out_dir) / "ckpt.pt"  # what this run writes
-    if not ours.is_file():
+    if not ours.is_file() or tc.overwrite:
         return
-    if not tc.resume and not tc.overwrite:
-        raise ValueError(f"{ours} already holds a checkpoint, which this new run would replace; "
-                         f"continue that run with --resume {ours} (resume='{ours}'), or start "
-                         "a new one in another --out_dir; --overwrite true replaces it")
-    if tc.resume and Path(tc.resume).is_file() and not ours.samefile(tc.resume):
+    if not tc.resume:
+        raise ValueError(f"{shown(ours)} already holds a checkpoint, which this new run would "
+                         f"replace; continue that run with --resume {shown(ours)} "
+                         f"(resume='{shown(ours)}'), or start a new one in another --out_dir; "
+                         "--overwrite true replaces it")
+    if Path(tc.resume).is_file() and not ours.samefile(tc.resume):
         beside = Path(tc.resume).parent
         there = "" if beside.resolve() == ours.parent.resolve() else f" ({beside}: beside it)"
-        raise ValueError(f"resuming {tc.resume} would overwrite {ours}, another checkpoint; "
-                         f"move that one away, or set out_dir to another folder{there}")
+        raise ValueError(f"resuming {tc.resume} would overwrite {shown(ours)}, another "
+                         f"checkpoint; move that one away, or set out_dir to another "
+                         f"folder{there}")
 
 
 # The diffusion fields that define what the network learns (the forward process and the
@@ -166,10 +170,20 @@ class Checkpoint:
                       steps=steps, generator=generator, **kwargs)
 
 
+def stored_config(state: dict, path: str | Path) -> Config:
+    """The config a checkpoint stores, with an error that names the file."""
+    try:
+        return Config.from_dict(state["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the settings stored in {shown(path)} are not valid for this version "
+                         f"of smol_diffusion ({e}); train anew, or use the version that wrote "
+                         "it") from None
+
+
 def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> Checkpoint:
     """Load a checkpoint written by `train` and rebuild its EMA model from the stored config."""
     state = read_checkpoint(path)
-    cfg = Config.from_dict(state["config"])
+    cfg = stored_config(state, path)
     model = UNet(cfg.model)
     load_weights(model, state["ema"], path)
     model.to(pick_device(device) if isinstance(device, str) else device).eval()

@@ -60,15 +60,18 @@ def load_image(path: Path, image_size: int, channels: int) -> torch.Tensor:
 
 
 def to_8bit(img: Image.Image, mode: str) -> Image.Image:
-    """Any PIL image as 8-bit `mode` ("L" or "RGB"): 16-bit integers scaled (65535 is white),
-    CMYK, palettes and other colour spaces converted, transparency composited on white."""
-    if img.mode.startswith("I"):  # I;16 (16-bit PNG and TIFF), I;16B, I;16L, I;16N or I
-        a = np.asarray(img)
-        # "I" also holds 32-bit TIFFs, whose values have no agreed white: refuse, not guess
-        if a.min() < 0 or a.max() > 65535:
-            raise ValueError(f"its pixels range over {a.min()}..{a.max()}, wider than 16 bits; "
-                             "save it with 8 or 16 bits per channel")
-        img = Image.fromarray((a / 257).round().astype(np.uint8))  # 0..65535 -> 0..255
+    """Any PIL image as 8-bit `mode` ("L" or "RGB"): 16-bit integers and floats scaled (65535,
+    or 1.0, is white), CMYK, palettes and other colour spaces converted, transparency
+    composited on white."""
+    if img.mode.startswith(("I", "F")):  # I;16 (16-bit PNG, TIFF), I;16B/L/N, I; F (floats)
+        a = np.asarray(img, dtype=np.float64)
+        # white: 65535 for integers; 1 for floats within [0, 1] (as most tools write them),
+        # else 255. Values beyond (32-bit TIFFs) have no agreed white: refuse, not guess
+        white = 65535 if img.mode != "F" else 1.0 if a.max() <= 1 else 255.0
+        if not (np.isfinite(a).all() and 0 <= a.min() and a.max() <= white):
+            raise ValueError(f"its pixels range over {a.min():g}..{a.max():g}, beyond 0..{white:g};"
+                             " save it with 8 or 16 bits per channel")
+        img = Image.fromarray((a * (255 / white)).round().astype(np.uint8))
     if img.mode == "La":  # premultiplied alpha, which Pillow converts only to LA
         img = img.convert("LA")
     if img.has_transparency_data:  # RGBA, LA, PA, RGBa, or a palette's transparent colour

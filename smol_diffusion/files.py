@@ -8,6 +8,8 @@ import errno
 import os
 import shutil
 import socket
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 try:
@@ -24,11 +26,9 @@ def shown(path: str | Path) -> str:
 
 def size_text(n: int) -> str:
     """Bytes for a person: 612.4 MB."""
-    for unit in ("bytes", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError  # unreachable
+    units = ("bytes", "kB", "MB", "GB", "TB")
+    i = min(len(units) - 1, max(0, (len(str(int(n))) - 1) // 3))
+    return f"{n} bytes" if i == 0 else f"{n / 1000 ** i:.1f} {units[i]}"
 
 
 def no_space(path: str | Path, needed: int, what: str) -> OSError:
@@ -58,7 +58,8 @@ def ran_out_of_space(e: BaseException) -> bool:
     return False
 
 
-def remove_stale(folder: Path, pattern: str, alive=lambda path: False) -> None:
+def remove_stale(folder: Path, pattern: str,
+                 alive: Callable[[Path], bool] = lambda path: False) -> None:
     """Delete the files in `folder` matching `pattern` that a killed writer left behind, all
     but those for which `alive(path)` says their writer still runs."""
     for p in folder.glob(pattern):
@@ -78,7 +79,7 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def lock_folder(folder: Path):
+def lock_folder(folder: Path) -> Iterator[None]:
     """Hold `folder/.lock` while a run writes there, so a second run started into the same
     folder is refused instead of replacing its checkpoint at every save. The lock is the
     operating system's (flock), so it goes with the process that held it, however that process
@@ -92,16 +93,19 @@ def lock_folder(folder: Path):
         raise OSError(e.errno, f"cannot write to the output folder {shown(folder)} "
                       f"({e.strerror}); choose another out_dir") from None
     with f:
-        if fcntl is not None:
-            try:
+        try:
+            if fcntl is not None:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                f.seek(0)
-                holder = f.read().strip() or "another process"
-                raise BlockingIOError(errno.EAGAIN, f"another run is writing to "
-                                      f"{shown(folder)} ({holder}); wait for it to finish, "
-                                      "stop it, or choose another out_dir") from None
-            f.truncate(0)
-            f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
-            f.flush()
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise BlockingIOError(errno.EAGAIN, f"another run is writing to {shown(folder)} "
+                                  f"({holder}); wait for it to finish, stop it, or choose "
+                                  "another out_dir") from None
+        except OSError as e:  # a file system without locks (NFS mounted nolock, some FUSE)
+            warnings.warn(f"cannot lock {shown(folder)} ({e.strerror}): nothing stops a second "
+                          "run from writing there at the same time", stacklevel=3)
+        f.truncate(0)
+        f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
         yield

@@ -20,12 +20,12 @@ from tqdm.auto import tqdm
 
 from .batches import DROPOUT, batch_indices, step_randomness, stream_seed, to_device
 from .checkpoint import (Checkpoint, check_out_dir, check_same_model, load_weights,
-                         read_checkpoint, save_checkpoint)
+                         read_checkpoint, save_checkpoint, stored_config)
 from .config import PRESETS, Config, all_fields, get_preset, parse_field
 from .data import make_dataset
 from .diffusion import simple_loss
 from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
-from .files import lock_folder
+from .files import lock_folder, shown
 from .hardware import autocast, compile_model, distributed_env, pick_device, use_bf16
 from .interrupts import Interrupts
 from .schedule import NoiseSchedule
@@ -72,10 +72,10 @@ def train(cfg: Config, progress: bool = True) -> dict:
     resume on the same number of processes is exact with it too.
     """
     tc = cfg.train  # every field was checked when cfg was built (config.py)
-    rank = distributed_env()[0]
-    check_out_dir(tc)
+    rank, world, _ = distributed_env()
     with (lock_folder(Path(tc.out_dir)) if rank == 0 else contextlib.nullcontext()), \
-            Interrupts(enabled=rank == 0) as interrupts:
+            Interrupts(at_once=world == 1) as interrupts:
+        check_out_dir(tc)
         return _train(cfg, progress, interrupts)
 
 
@@ -177,11 +177,15 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
             "classes": classes})
 
     def read_log() -> None:
-        """Read the loss back (the one synchronisation), record it, stop a diverged run."""
-        nonlocal n_sum, t_last, step_last
+        """Read the loss back (the one synchronisation) and record it; stop a run whose
+        steps since the last judgement, once they number log_every, were over half skipped;
+        share a stop request between processes."""
+        nonlocal n_sum, t_last, step_last, stop
         if world > 1:
+            sums[2] = float(interrupts.pending)
             dist.all_reduce(sums)
-        loss_total, bad = (v / world for v in sums.tolist())
+        loss_total, bad, stop = sums.tolist()
+        loss_total, bad, stop = loss_total / world, bad / world, stop > 0
         now = time.time()
         rate = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
         loss = loss_total / (n_sum - bad) if n_sum > bad else math.nan
@@ -192,14 +196,17 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
         history["skipped"] += int(bad)
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}",
                         **({"skipped": history["skipped"]} if history["skipped"] else {}))
-        if bad > n_sum / 2 or not math.isfinite(loss):
-            kept = f"{ours} was left as it was" if ours.is_file() else "nothing was saved"
+        window[0], window[1] = window[0] + bad, window[1] + n_sum
+        if window[0] > window[1] / 2 and window[1] >= tc.log_every \
+                or not math.isfinite(loss_total):
+            kept = f"{shown(ours)} was left as it was" if ours.is_file() else "nothing was saved"
             raise TrainingDiverged(
-                f"training diverged at step {step}: {bad:.0f} of the last {n_sum} steps had a "
-                f"non-finite loss or gradient (mean loss {loss:.4g}); {kept}. Try a lower lr "
-                f"(it is {tc.lr:g}), a longer warmup ({tc.warmup}) or a smaller grad_clip "
-                f"({tc.grad_clip:g})" + (f", resuming with --resume {ours}" if ours.is_file()
-                                          else ""))
+                f"training diverged at step {step}: {window[0]:.0f} of the last {window[1]} steps "
+                f"had a non-finite loss or gradient; {kept}. Try a lower lr (it is {tc.lr:g}), "
+                f"a longer warmup ({tc.warmup}) or a smaller grad_clip ({tc.grad_clip:g})"
+                + (f", resuming with --resume {shown(ours)}" if ours.is_file() else ""))
+        if window[1] >= tc.log_every:
+            window[0] = window[1] = 0
         sums.zero_()
         n_sum, t_last, step_last = 0, now, step
 
@@ -208,9 +215,10 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
     epoch, skip = divmod(step, steps_per_epoch)
     mine = slice(rank * local, (rank + 1) * local)  # this process's share of a global batch
     bar = tqdm(total=tc.steps, initial=step, disable=not progress or rank > 0, desc="train")
-    # the loss summed over the steps that were finite, and the steps that were not
-    sums, n_sum, t_last, step_last = torch.zeros(2, device=device), 0, time.time(), step
-    saved, interrupted = step, False  # the step whose weights are on disk (or came from it)
+    # the loss summed over the steps that were finite, the steps that were not, a stop request
+    sums, n_sum, t_last, step_last = torch.zeros(3, device=device), 0, time.time(), step
+    window = [0, 0]  # skipped and all steps since divergence was last judged
+    saved, stop, interrupted, error = step, False, False, None  # `saved`: the step on disk
     try:
         while step < tc.steps:
             for idx in batch_indices(len(images), tc.batch_size, tc.seed, epoch, skip, rank,
@@ -260,7 +268,7 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
                     # 5. EMA: ema <- ema + (1 - decay) (params - ema); the same on every process
                     torch._foreach_lerp_(ema_params, params,
                                          1.0 - ema_decay_at(step, tc.ema_decay))
-                    sums += torch.stack([torch.where(bad, 0.0, step_loss), bad.float()])
+                    sums[:2] += torch.stack([torch.where(bad, 0.0, step_loss), bad.float()])
                     step += 1
                     n_sum += 1
                     bar.update(1)
@@ -269,6 +277,8 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
                                 and step < tc.steps)
                     if step % tc.log_every == 0 or step == tc.steps or save_due:
                         read_log()
+                if stop:  # torchrun: every process stops at this step
+                    raise KeyboardInterrupt
                 # 7. sample and evaluate, 8. checkpoint: rank 0 only
                 if (rank == 0 and tc.sample_every and tc.sample_n
                         and step % tc.sample_every == 0 and step < tc.steps):
@@ -279,26 +289,36 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
                     bar.set_postfix(loss=f"{history['loss'][-1]:.4f}",
                                     fid=f"{history['eval'][-1]['fid']:.3g}")
                 if rank == 0 and save_due:
-                    write_checkpoint()
-                    saved = step
+                    with interrupts.held():
+                        write_checkpoint()
+                        saved = step
                 if step >= tc.steps:
                     break
             epoch, skip = epoch + 1, 0
     except KeyboardInterrupt:  # Ctrl-C, a notebook's Interrupt, SIGTERM: keep what was trained
         interrupted = True
+    except Exception as e:  # out of memory while sampling, say: keep what was trained, then say
+        error = e
     bar.close()
-    if rank == 0 and step > saved:  # the end, or where an interrupt stopped the run
-        with contextlib.suppress(KeyboardInterrupt), interrupts.held():  # Ctrl-C again waits
-            if n_sum and world == 1:
-                read_log()  # the steps since the last reading
-            write_checkpoint()
+    # the end, an interrupt or an error outside an update (a diverged run ends inside one)
+    if rank == 0 and step > saved and not interrupts.torn:
+        try:
+            with contextlib.suppress(KeyboardInterrupt), interrupts.held():  # Ctrl-C again waits
+                if interrupted or error:
+                    tqdm.write(f"writing a checkpoint at step {step} to {shown(ours)}")
+                if n_sum and world == 1:
+                    read_log()  # the steps since the last reading
+                write_checkpoint()
+        except Exception as e:
+            raise e from error
+    if error:
+        raise error
     if interrupted:
         if rank == 0:
             tqdm.write(f"interrupted at step {step}: " + (
-                f"{ours} holds it; continue with --resume {ours} (resume='{ours}')"
+                f"continue with --resume {shown(ours)} (resume='{shown(ours)}')"
                 if ours.is_file() else "nothing was saved"))
-        return history
-    if rank == 0 and tc.sample_n:
+    elif rank == 0 and tc.sample_n:
         write_samples()
     if world > 1:
         dist.barrier()
@@ -325,7 +345,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
         if preset:
             raise ValueError("--resume goes on with the settings stored in the checkpoint; drop "
                              "--preset (flags given beside --resume still change settings)")
-        stored = Config.from_dict(read_checkpoint(resume)["config"])
+        stored = stored_config(read_checkpoint(resume), resume)
         cfg = stored.override(out_dir=str(Path(resume).parent))
     else:
         cfg = get_preset(preset or "demo")
@@ -339,6 +359,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg.override(**changes)  # out of range: a ValueError naming the field
 
 
+def _error_text(e: Exception) -> str:
+    """An error's text for a person: an OSError we raised with errno and a message, without
+    its "[Errno 28]"; a system's own (it names the file) as it is."""
+    if isinstance(e, OSError) and e.strerror and e.filename is None:
+        return e.strerror
+    return str(e)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command-line entry point."""
     t0 = time.time()
@@ -346,7 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = parse_args(argv)
         history = train(cfg)
     except (ValueError, OSError, TrainingDiverged) as e:  # the message says how to fix it
-        raise SystemExit(f"error: {e}") from None
+        raise SystemExit(f"error: {_error_text(e)}") from None
     except KeyboardInterrupt:  # before training began: nothing to keep
         raise SystemExit(130) from None
     if not history["step"] or history["step"][-1] < cfg.train.steps:  # interrupted, and saved

@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny configuration that trains in seconds on two CPU cores, the exact
 denoiser of Gaussian data, and a Stanford Cars folder in torchvision's layout."""
+import subprocess
+
 import numpy as np
 import pytest
 import torch
@@ -69,3 +71,29 @@ def torchvision_layout(tmp_path):
     write_annotations(base / "cars_test_annos_withlabels.mat", ["00001.jpg"])
     write_image(base / "cars_train" / "stray.jpg")  # not in the annotations: ignored
     return tmp_path
+
+
+def _tmpfs(tmp_path, options: str):
+    """A tmpfs mounted at tmp_path/disk with `options`, unmounted (lazily: a failed test's
+    traceback may still map a file there) after the test; skips where mounting is not permitted
+    (it takes root)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(disk)],
+                       capture_output=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here (it takes root): {r.stderr.decode().strip()}")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB file system to fill."""
+    yield from _tmpfs(tmp_path, "size=1m")
+
+
+@pytest.fixture
+def read_only_disk(tmp_path):
+    """A file system that cannot be written."""
+    yield from _tmpfs(tmp_path, "size=1m,ro")

@@ -188,7 +188,7 @@ def decoded(tmp_path, images: dict, channels: int) -> torch.Tensor:
     return x.float().mean((2, 3))
 
 
-def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
+def test_16_bit_grey_and_floats_are_scaled_to_8_bits_not_clipped(tmp_path):
     # Pillow opens a 16-bit PNG as I;16 (older versions: I); a TIFF can be I;16B or 32-bit I
     size = (6, 4)
     images = {"black.png": Image.new("I;16", size, 0), "grey.png": Image.new("I;16", size, 32768),
@@ -197,6 +197,8 @@ def test_16_bit_grey_is_scaled_to_8_bits_not_clipped_to_white(tmp_path):
     for channels in (1, 3):
         assert decoded(tmp_path, images, channels).tolist() == [
             [v] * channels for v in (0, 128, 128, 128, 255)]  # 32768 / 257 = 127.5
+    floats = {"unit.tif": Image.new("F", size, 0.5), "bytes.tif": Image.new("F", size, 127.5)}
+    assert decoded(tmp_path, floats, 1).tolist() == [[128], [128]]  # 0..1 or 0..255
     Image.new("I", size, 100_000).save(tmp_path / "wide.tif")  # 32-bit values: no agreed white
     with pytest.raises(DatasetError, match=r"wide\.tif: its pixels range over 100000\.\.100000"):
         load_image(tmp_path / "wide.tif", 4, 1)
@@ -253,19 +255,6 @@ def test_a_file_name_that_is_not_utf8_trains_and_its_errors_print(tmp_path):
         make_dataset(cfg, 8, 3, progress=False)
     message = str(error.value)
     assert "caf\\xe9.jpg" in message and message.encode("utf-8")  # prints on any terminal
-
-
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 1 MiB file system (tmpfs) to fill; skips where mounting is not permitted (not root)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mount = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]
-    if shutil.which("mount") is None or subprocess.run(mount, capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (it takes root)")
-    yield disk
-    # lazy: a failed test's traceback may still hold a memory map of a file there
-    subprocess.run(["umount", "--lazy", str(disk)], check=True)
 
 
 def images_on(tmp_path, n: int = 5) -> list:

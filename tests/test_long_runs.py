@@ -22,23 +22,7 @@ from smol_diffusion.interrupts import Interrupts
 from smol_diffusion.train import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def small_disk(tmp_path, size: str, options: str = ""):
-    """A tmpfs of `size` mounted at tmp_path/disk (root only: skipped elsewhere)."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}{options}", "tmpfs",
-                        str(disk)], capture_output=True)
-    if r.returncode:
-        pytest.skip(f"cannot mount a small disk here: {r.stderr.decode().strip()}")
-    return disk
-
-
-@pytest.fixture
-def unmount(tmp_path):
-    yield
-    subprocess.run(["umount", str(tmp_path / "disk")], capture_output=True)
+ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the same sums
 
 
 # --- a run owns its folder ------------------------------------------------------------------
@@ -79,17 +63,16 @@ def test_a_second_live_run_in_a_folder_is_refused_and_a_killed_one_blocks_nothin
 
 
 def test_an_output_folder_that_cannot_be_written_stops_the_run_before_it_trains(
-        tiny_cfg, tmp_path, monkeypatch, unmount):
+        tiny_cfg, tmp_path, monkeypatch, read_only_disk):
     monkeypatch.setattr(sys.modules["smol_diffusion.train"], "make_dataset",
                         lambda *a: pytest.fail("the dataset was built"))
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="cannot write to the output folder .*file/run .*choose "
                                       "another out_dir"):
         smol_diffusion.train(tiny_cfg.override(out_dir=str(tmp_path / "file" / "run")))
-    disk = small_disk(tmp_path, "1m", ",ro")
     with pytest.raises(OSError, match=r"cannot write to the output folder .*disk/run "
                                       r"\(Read-only file system\)"):
-        smol_diffusion.train(tiny_cfg.override(out_dir=str(disk / "run")))
+        smol_diffusion.train(tiny_cfg.override(out_dir=str(read_only_disk / "run")))
 
 
 # --- divergence -----------------------------------------------------------------------------
@@ -160,17 +143,41 @@ def test_non_finite_weights_are_neither_written_nor_loaded(tiny_cfg, tmp_path):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_an_error_outside_an_update_keeps_the_steps_trained(tiny_cfg, tmp_path, monkeypatch):
+    """Drawing the sample grid fails at step 20 (out of memory, say): the error is raised after
+    a checkpoint of step 20 is written."""
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(sys.modules["smol_diffusion.train"], "save_grid", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        smol_diffusion.train(tiny_cfg.override(checkpoint_every=0), progress=False)
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 20
+
+
 # --- full disks -----------------------------------------------------------------------------
 
-def test_a_full_disk_is_named_and_leaves_the_last_checkpoint_whole(tmp_path, unmount):
-    disk = small_disk(tmp_path, "2m")
-    path = disk / "ckpt.pt"
+def test_a_full_disk_is_named_and_leaves_the_last_checkpoint_whole(small_disk):
+    path = small_disk / "ckpt.pt"
     save_checkpoint(path, {"model": {"w": torch.zeros(1000)}})
     with pytest.raises(OSError, match=r"no space for checkpoint .*disk/ckpt.pt: it needs about "
-                                      r"5.0 MB and 2.\d MB is free on that disk"):
+                                      r"5.0 MB and 1.0 MB is free on that disk"):
         save_checkpoint(path, {"model": {"w": torch.zeros(1_000_000)}})  # 4 MB
-    assert sorted(p.name for p in disk.iterdir()) == ["ckpt.pt"]  # no temporary file
+    assert sorted(p.name for p in small_disk.iterdir()) == ["ckpt.pt"]  # no temporary file
     assert torch.load(path, weights_only=True)["model"]["w"].shape == (1000,)
+
+
+def test_torchs_out_of_space_error_is_said_as_such(tmp_path, monkeypatch):
+    """What torch.save raises on a full disk, without root: its writer's "unexpected pos"."""
+    def full(obj, f):
+        f.write(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(OSError, match=r"no space for checkpoint .*ckpt.pt: it needs about 1.0 MB "
+                                      r"and .* is free"):
+        save_checkpoint(tmp_path / "ckpt.pt", {"model": {"w": torch.zeros(10)}})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_next_save_removes_temporary_files_of_killed_saves(tmp_path):
@@ -228,6 +235,32 @@ def test_an_interrupt_returns_the_history_and_resume_goes_on_exactly(tiny_cfg, t
     assert resumed["loss"][-1] == pytest.approx(straight["loss"][-1], rel=1e-4)
 
 
+def test_a_second_ctrl_c_during_that_save_waits_for_it(tiny_cfg, tmp_path, monkeypatch):
+    """Ctrl-C at step 7, and again in the middle of the checkpoint it writes: the save
+    completes, and train returns."""
+    train_module = sys.modules["smol_diffusion.train"]
+    real_lr, real_save = train_module.lr_at, train_module.save_checkpoint
+
+    def lr_then_interrupt(step, tc):
+        if step == 7:
+            raise KeyboardInterrupt
+        return real_lr(step, tc)
+
+    def save_interrupted(path, state):
+        path.with_name(f".{path.name}.0123456789abcdef.tmp").write_bytes(b"half")
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # the signal is handled here, between bytecodes
+        real_save(path, state)
+
+    monkeypatch.setattr(train_module, "lr_at", lr_then_interrupt)
+    monkeypatch.setattr(train_module, "save_checkpoint", save_interrupted)
+    history = smol_diffusion.train(tiny_cfg.override(sample_n=0, checkpoint_every=0),
+                                   progress=False)
+    assert history["step"][-1] == 7
+    assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 7
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "ckpt.pt"]
+
+
 def _train_args(out: Path, steps: int, **extra) -> list[str]:
     """The command line of a small run that a test interrupts or kills."""
     args = {"preset": "demo", "image_size": 8, "channels": 8, "channel_mults": "1,2",
@@ -237,9 +270,38 @@ def _train_args(out: Path, steps: int, **extra) -> list[str]:
             *[s for k, v in args.items() for s in (f"--{k}", str(v))]]
 
 
-def _start(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+def _resume_args(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "smol_diffusion.train", "--resume", str(out / "ckpt.pt"),
+            *extra]
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    yield
+    while STARTED:  # a test that failed before it stopped its run: torchrun's group included
+        p = STARTED.pop()
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def _start(args: list[str], logs: Path) -> subprocess.Popen:
+    """A training process (in a process group of its own) whose output goes to logs.out and
+    logs.err (files: no pipe fills)."""
+    with open(logs.with_suffix(".out"), "w") as out, open(logs.with_suffix(".err"), "w") as err:
+        p = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=err, env=ONE_THREAD,
+                             start_new_session=True)
+    STARTED.append(p)
+    return p
+
+
+def _steps_shown(logs: Path) -> list[int]:
+    """The steps the progress bar has shown so far."""
+    text = logs.with_suffix(".err").read_text(errors="replace")
+    return [int(n) for n in re.findall(r"\| *(\d+)/\d+ \[", text)]
 
 
 def _holds_lock(folder: Path, pid: int) -> bool:
@@ -256,94 +318,80 @@ def _wait_until(condition, timeout: float = 120.0) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_writes_a_checkpoint_and_resume_goes_on(tmp_path, sig):
-    out = tmp_path / "run"
-    p = _start(_train_args(out, 100_000, checkpoint_every=0))
-    _wait_until(lambda: _holds_lock(out, p.pid))
-    time.sleep(1)  # training
+    out, logs = tmp_path / "run", tmp_path / "log"
+    p = _start(_train_args(out, 100_000, checkpoint_every=0), logs)
+    _wait_until(lambda: max(_steps_shown(logs), default=0) >= 5)
     p.send_signal(sig)
-    stdout, stderr = p.communicate(timeout=120)
-    assert p.returncode == 130, stderr
+    assert p.wait(timeout=120) == 130, logs.with_suffix(".err").read_text()
     step = load_checkpoint(out / "ckpt.pt").step
-    assert 0 < step < 100_000
-    assert f"interrupted at step {step}: {out / 'ckpt.pt'} holds it; continue with --resume" \
-        in stdout
-    r = subprocess.run(_train_args(out, step + 3)[:2] + ["smol_diffusion.train", "--resume",
-                                                         str(out / "ckpt.pt"), "--steps",
-                                                         str(step + 3)],
-                       cwd=ROOT, capture_output=True, text=True)
+    assert 5 <= step < 100_000
+    assert f"interrupted at step {step}: continue with --resume {out / 'ckpt.pt'}" \
+        in logs.with_suffix(".out").read_text()
+    r = subprocess.run(_resume_args(out, "--steps", str(step + 3)), cwd=ROOT,
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert load_checkpoint(out / "ckpt.pt").step == step + 3
 
 
-def test_a_second_ctrl_c_during_that_save_does_not_break_it(tmp_path):
-    """The second SIGINT is sent while the interrupt's checkpoint is being written (its
-    temporary file is there): the save completes all the same."""
-    out = tmp_path / "run"
-    for _ in range(5):  # the save takes milliseconds: try again if it was missed
-        p = _start(_train_args(out, 100_000, checkpoint_every=0, overwrite="true"))
-        _wait_until(lambda: _holds_lock(out, p.pid))
-        time.sleep(1)
-        p.send_signal(signal.SIGINT)
-        saw_save = False
-        while p.poll() is None:
-            if any(out.glob(".ckpt.pt.*.tmp")):
-                p.send_signal(signal.SIGINT)
-                saw_save = True
-                break
-        stdout, _ = p.communicate(timeout=120)
-        assert p.returncode == 130
-        if saw_save:
-            break
-    assert saw_save
+def test_torchrun_stops_every_process_at_one_step_on_sigterm(tmp_path):
+    """SIGTERM to torchrun, which passes it to both workers: they stop together at a loss
+    reading, rank 0 writes the checkpoint, and each returns from `train` (tests/ddp_worker.py
+    then saves its EMA weights beside the run), none killed or hung."""
+    out, logs = tmp_path / "run", tmp_path / "log"
+    args = _train_args(out, 100_000, checkpoint_every=0, log_every=3)
+    p = _start([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", str(ROOT / "tests" / "ddp_worker.py"), *args[3:]], logs)
+    _wait_until(lambda: (out / ".lock").exists() and max(_steps_shown(logs), default=0) >= 4)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=120)
     step = load_checkpoint(out / "ckpt.pt").step
-    assert step > 0 and f"interrupted at step {step}" in stdout
-    assert not any(out.glob(".ckpt.pt.*.tmp"))
+    assert step >= 4 and step % 3 == 0  # a loss reading
+    assert f"interrupted at step {step}" in logs.with_suffix(".out").read_text()
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert all(torch.equal(a, b) for a, b in zip(rank0["ema"], rank1["ema"]))
 
-
-# --- SIGKILL at random moments ---------------------------------------------------------------
 
 def test_a_run_killed_at_random_moments_resumes_to_the_uninterrupted_weights(tmp_path):
-    """A real training process is killed with SIGKILL again and again: at random moments, and
-    the moment a checkpoint's temporary file appears (mid-write). After every kill the
-    checkpoint loads and its step never goes back; `--resume` each time, and the final weights
-    are those of a run that was never killed."""
-    steps, rng = 240, random.Random(0)
-    reference, out = tmp_path / "reference", tmp_path / "run"
-    r = subprocess.run(_train_args(reference, steps, checkpoint_every=1), cwd=ROOT,
-                       capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
+    """A real training process is killed with SIGKILL a dozen times: at random moments, and
+    the moment a new checkpoint's temporary file appears (mid-write). After every kill the
+    checkpoint loads and its step never goes back; each start resumes from it; then a last
+    resume runs to the end, and its weights are those of a run that was never killed."""
+    rng, out, logs = random.Random(0), tmp_path / "run", tmp_path / "log"
     kills, mid_write, resumes, last_step, lost = 0, 0, 0, 0, []
-    while True:
+    for kill in range(12):
         ckpt = out / "ckpt.pt"
-        args = _train_args(out, steps, checkpoint_every=1)
-        if ckpt.exists():
-            args = args[:2] + ["smol_diffusion.train", "--resume", str(ckpt)]
-            resumes += 1
-        p = _start(args)
-        if kills < 12:
-            if kills % 2:  # the moment a checkpoint is being written
-                _wait_until(lambda: p.poll() is not None or any(out.glob(".ckpt.pt.*.tmp")))
-            else:  # any moment once this process holds the folder: setup, steps, saves
-                _wait_until(lambda: p.poll() is not None or _holds_lock(out, p.pid))
-                time.sleep(rng.uniform(0, 1.5))
-            p.kill()
-        stdout, stderr = p.communicate(timeout=300)
-        if p.returncode == -signal.SIGKILL:
-            kills += 1
-            mid_write += any(out.glob(".ckpt.pt.*.tmp"))
+        before = set(out.glob(".ckpt.pt.*.tmp"))  # left by the last kill, until the next save
+        resumes += ckpt.exists()
+        args = _resume_args(out) if ckpt.exists() else \
+            _train_args(out, 100_000, checkpoint_every=1)
+        p = _start(args, logs)
+        if kill % 2:  # the moment a checkpoint is being written
+            _wait_until(lambda: p.poll() is not None
+                        or bool(set(out.glob(".ckpt.pt.*.tmp")) - before))
+        else:  # any moment once this process holds the folder: setup, steps, saves
+            _wait_until(lambda: p.poll() is not None or _holds_lock(out, p.pid))
+            time.sleep(rng.uniform(0, 1.5))
+        p.kill()
+        assert p.wait(timeout=60) == -signal.SIGKILL, logs.with_suffix(".err").read_text()
+        kills += 1
+        mid_write += bool(set(out.glob(".ckpt.pt.*.tmp")) - before)
         step = load_checkpoint(ckpt).step if ckpt.exists() else 0  # loads, whatever was cut
         assert step >= last_step
-        shown = [int(n) for n in re.findall(rf"(\d+)/{steps} ", stderr)]
-        lost.append(max(shown, default=0) - step)  # shown by the progress bar, not on disk
+        lost.append(max(_steps_shown(logs), default=0) - step)  # shown, but not on disk
         last_step = step
-        if p.returncode == 0:
-            break
-        assert p.returncode == -signal.SIGKILL, stderr
-    assert kills == 12 and mid_write >= 5 and resumes >= 6
-    assert not any(out.glob("*.tmp")) and not any(out.glob(".*.tmp"))
+    end = last_step + 20
+    r = subprocess.run(_resume_args(out, "--steps", str(end)), cwd=ROOT, capture_output=True,
+                       text=True, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    # half the kills wait for a save; one may finish before the kill lands
+    assert mid_write >= 3 and resumes >= 10 and not any(out.glob(".ckpt.pt.*.tmp"))
+    reference = tmp_path / "reference"
+    r = subprocess.run(_train_args(reference, end, checkpoint_every=1), cwd=ROOT,
+                       capture_output=True, text=True, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
     a, b = read_checkpoint(reference / "ckpt.pt"), read_checkpoint(out / "ckpt.pt")
-    assert b["step"] == steps
+    assert b["step"] == end
     for part in ("model", "ema", "optimizer"):
         torch.testing.assert_close(b[part], a[part])
-    print(f"{kills} kills ({mid_write} mid-write), {resumes} resumes, steps shown but not "
-          f"saved at most {max(lost)}")
+    print(f"{kills} kills ({mid_write} mid-write), {resumes} resumes killed and one to the end "
+          f"at step {end}; steps shown but not saved at most {max(lost)}")
