@@ -99,9 +99,6 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, mults = cfg.channels, cfg.channel_mults
         levels = len(mults)
-        if cfg.image_size % 2 ** (levels - 1):
-            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2^{levels - 1}, "
-                             f"which {levels} channel multipliers need")
         attn_levels = {i for i in range(levels) if cfg.image_size // 2**i in cfg.attn_resolutions}
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
