@@ -22,7 +22,7 @@ log=${1:-benchmarks/gpu_check_$(date +%Y-%m-%d).log}
   # each step over fp32 in turn, then a larger batch (bf16+compile at 64 reuses the compile
   # cache of the end-to-end run above)
   PYTHONUNBUFFERED=1 timeout 260 python3 benchmarks/train_throughput.py --models cars64 \
-    --variants fp32,bf16,bf16+cl,bf16+compile,bf16+compile@256 --json "${log%.log}.json"
+    --variants fp32,bf16,fp16,bf16+cl,bf16+compile,bf16+compile@256 --json "${log%.log}.json"
   PYTHONUNBUFFERED=1 timeout 120 python3 benchmarks/train_throughput.py --models cars64 \
     --variants bf16+compile@256 --profile
 } 2>&1 | tee "$log"

@@ -3,7 +3,7 @@
     python benchmarks/train_throughput.py [--models demo,cars64] [--variants fp32,bf16,...]
                                           [--peers] [--profile] [--device auto] [--json FILE]
 
-For each preset's model and each variant (fp32 or bf16 autocast, "+cl" channels_last,
+For each preset's model and each variant (fp32, or bf16 or fp16 autocast, "+cl" channels_last,
 "+compile" torch.compile), the trainer itself (`smol_diffusion.train`) runs on a folder of
 synthetic images through the real input pipeline (image cache, batches, device-side flips),
 each variant in a fresh process. Printed: img/s (median over the logged intervals after the
@@ -145,9 +145,9 @@ def parse_variant(variant: str) -> tuple[list[str], int | None]:
     @N. Raises ValueError on anything else."""
     name, _, size = variant.partition("@")
     parts = name.split("+")
-    if parts[0] not in ("fp32", "bf16") or not set(parts[1:]) <= {"cl", "compile"} \
+    if parts[0] not in ("fp32", "bf16", "fp16") or not set(parts[1:]) <= {"cl", "compile"} \
             or not (size or "1").isdigit():
-        raise ValueError(f"variant {variant!r}: expected fp32 or bf16, then +cl and/or "
+        raise ValueError(f"variant {variant!r}: expected fp32, bf16 or fp16, then +cl and/or "
                          "+compile, then @N for a batch of N, e.g. bf16+compile@256")
     return parts, int(size) if size else None
 
@@ -318,7 +318,7 @@ def peer_job(name: str, device: torch.device, bf16: bool) -> dict:
     x0 = torch.rand(batch, 3, 64, 64, device=device) * 2 - 1
 
     def step() -> None:
-        with autocast(device, bf16):
+        with autocast(device, torch.bfloat16 if bf16 else None):
             loss = simple_loss(call, schedule, x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -358,7 +358,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="demo,cars64")
     parser.add_argument("--variants", default=None,
-                        help="comma-separated: fp32 or bf16, with +cl (channels_last) and/or "
+                        help="comma-separated: fp32, bf16 or fp16, with +cl (channels_last) and/or "
                              "+compile, and @N for a batch of N; default: "
                              + "; ".join(f"{k}: {v}" for k, v in DEFAULT_VARIANTS.items()))
     parser.add_argument("--peers", action="store_true",
@@ -394,11 +394,13 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]  # --models "" for the peers alone
     if args.profile:
         return print_profiles(models, variants)
-    peaks = {"fp32": matmul_peak(device, torch.float32), "bf16": matmul_peak(device,
-                                                                            torch.bfloat16)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    peaks = {name: matmul_peak(device, dtypes[name])
+             for name in dtypes if any(v.startswith(name) for v in variants) or name != "fp16"}
     results["peak_gflops"] = peaks
     print(f"measured matmul peak: fp32{'/tf32' if device.type == 'cuda' else ''} "
           f"{num(peaks['fp32'], 1)} GFLOP/s, bf16 {num(peaks['bf16'], 1)} GFLOP/s"
+          + (f", fp16 {num(peaks['fp16'], 1)} GFLOP/s" if "fp16" in peaks else "")
           + (" (no native bf16 on this CPU: reference kernels)" if slow_bf16(device) else ""))
     with tempfile.TemporaryDirectory() as tmp:
         if models:

@@ -159,11 +159,13 @@ class Checkpoint:
     def sample(self, n: int, *, generator: torch.Generator | None = None,
                steps: int | None = None, **kwargs) -> torch.Tensor:
         """n images in [-1, 1] from the EMA model. The sampler, steps, spacing, variance and
-        prediction default to the config's; other keywords go to `smol_diffusion.sample`
-        (`labels=`, `guidance=` for a conditional model)."""
+        prediction default to the config's, and so does the precision (the one training used:
+        `autocast_dtype`); other keywords go to `smol_diffusion.sample` (`labels=`,
+        `guidance=` for a conditional model, `progress=True` for a progress bar)."""
         m, d = self.config.model, self.config.diffusion
         for name in ("sampler", "spacing", "variance", "prediction"):
             kwargs.setdefault(name, getattr(d, name))
+        kwargs.setdefault("precision", self.config.train.precision)
         if kwargs.get("timesteps") is None and steps is None:
             steps = d.sample_steps
         return sample(self.model, self.schedule, (n, m.in_channels, m.image_size, m.image_size),

@@ -184,7 +184,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient-norm clipping threshold
     ema_decay: float = 0.9999  # EMA decay, reached after the warmup (1+n)/(10+n)
     label_dropout: float = 0.1  # conditional models: share of labels dropped (Ho & Salimans)
-    precision: str = "auto"  # "bf16" autocast, "fp32", or "auto" (bf16 where it is faster)
+    precision: str = "auto"  # "bf16", "fp16" (loss-scaled) or "fp32"; "auto": autocast_dtype
     compile: bool = False  # torch.compile the network (falls back to eager, with a warning)
     channels_last: bool = False  # channels_last memory format (cars64 eager bf16, H100: 0.76x)
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string

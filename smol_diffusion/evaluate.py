@@ -88,7 +88,7 @@ def _loader_features(dataset, extractor: Extractor, batch_size: int, progress: b
 
 
 def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "data/cache",
-                    batch_size: int = 200, progress: bool = True) -> dict:
+                    batch_size: int = 200, progress: bool = False) -> dict:
     """Mean, covariance and (up to 10,000) features of the training data in the extractor's
     space: {"mu", "sigma", "features", "n"}. Cached under a name holding a hash of the data's
     fingerprint, the resolution and the extractor's weights, so a stale cache never matches."""
@@ -129,8 +129,8 @@ def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: 
     gen = torch.Generator().manual_seed(seed)
     feats, probs, seconds = [], [], 0.0
     labels = requested_labels(n, ckpt.config.model.num_classes) if guidance is not None else None
-    for i in tqdm(range(0, n, batch_size), desc=f"sampling {n}", disable=not progress,
-                  leave=False):
+    bar = tqdm(total=n, desc="sampling", unit="img", disable=not progress, leave=False)
+    for i in range(0, n, batch_size):
         t0 = time.perf_counter()
         extra = {} if labels is None else {"labels": labels[i:i + batch_size],
                                            "guidance": guidance}
@@ -142,6 +142,8 @@ def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: 
         feats.append(extractor.features(x))
         if want_probs:
             probs.append(extractor.probs(x))
+        bar.update(len(x))
+    bar.close()
     return np.concatenate(feats), np.concatenate(probs) if want_probs else None, seconds
 
 
@@ -160,7 +162,7 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
              steps: int | None = None, spacing: str | None = None, real: bool = False,
              bpd_n: int = 500, batch_size: int = 250, seed: int = 0,
              cache_dir: str | Path = "data/cache", inception_weights: str | Path | None = None,
-             guidance: float | None = None, progress: bool = True) -> list[dict]:
+             guidance: float | None = None, progress: bool = False) -> list[dict]:
     """Score a checkpoint's EMA model on `metrics` (default: all that apply); returns one row
     per metric:
     {"metric", "value", "std" (KID), "n", "extractor", "sampler", "steps", "seconds",
@@ -178,6 +180,9 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     With `guidance`, a class-conditional model draws its samples asking for each class in turn
     at that classifier-free guidance scale (without, it samples unconditionally), and
     class_match is the share of samples the digit classifier assigns to the class asked for.
+
+    `progress` shows progress bars over the samples, the reference features and the held-out
+    images (the command line and the notebook turn them on; 50,000 samples take minutes).
     """
     if guidance is not None and not ckpt.config.model.num_classes:
         raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
                 extractor=extractor, sampler=args.sampler, steps=args.steps,
                 spacing=args.spacing, real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
                 seed=args.seed, cache_dir=args.cache_dir,
-                inception_weights=args.inception_weights, guidance=g)
+                inception_weights=args.inception_weights, guidance=g, progress=True)
     except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
         raise SystemExit(f"error: {e}") from None
     print(format_table(rows))

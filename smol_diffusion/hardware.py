@@ -1,4 +1,4 @@
-"""Which device to run on, and whether bf16 autocast pays off there."""
+"""Which device to run on, and which autocast precision pays off there."""
 from __future__ import annotations
 
 import contextlib
@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-PRECISIONS = ("auto", "bf16", "fp32")  # see use_bf16
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # see autocast_dtype
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -37,30 +37,49 @@ def distributed_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def use_bf16(precision: str, device: torch.device) -> bool:
-    """Resolve `precision` ("bf16", "fp32" or "auto") to whether bf16 autocast is used.
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype that `precision` ("auto", "bf16", "fp16" or "fp32") means on `device`:
+    torch.bfloat16, torch.float16, or None for fp32.
 
-    "auto" means bf16 on CUDA devices that support it, and on CPUs only where oneDNN has native
-    bf16 kernels (AVX512-BF16 or AMX). Elsewhere PyTorch falls back to slow reference kernels:
-    on the 2-core AVX2 machine this repo is tested on, a bf16 training step of the demo UNet
-    was 10x slower than fp32. fp32 on MPS.
+    "auto" is bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, RTX 30xx
+    and later, H100) and fp16 on older ones (T4, V100, P100), whose tensor cores, where they
+    have any, take fp16 only; fp16 needs loss scaling in training (`grad_scaler`). It is not
+    `torch.cuda.is_bf16_supported()`: by default that answers True wherever a bf16 tensor can
+    be made, emulated included, so a T4 would get bf16 without bf16 hardware. ROCm GPUs get
+    bf16 (AMD's Instinct GPUs have it). On CPUs "auto" is bf16 only where oneDNN has native
+    bf16 kernels (AVX512-BF16 or AMX); elsewhere PyTorch falls back to slow reference kernels
+    (a bf16 training step of the demo UNet ran 10x slower than fp32 on a 2-core AVX2 machine).
+    fp32 on MPS.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision != "auto":
-        return precision == "bf16"
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return False
+        if torch.version.hip:
+            return torch.bfloat16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) \
+            else torch.float16
+    if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
-def autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on `device` when `bf16`, otherwise a no-op context."""
-    if not bf16:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `dtype` on `device`, or a no-op context for None (fp32)."""
+    if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """A loss scaler for fp16 training (Micikevicius et al. 2018), disabled otherwise.
+
+    fp16 keeps 5 exponent bits, so small gradients underflow to zero; the loss is multiplied by
+    a scale before the backward pass and the gradients divided by it before the step. A step
+    whose scaled gradients overflow is skipped and the scale halved; after 2,000 steps without
+    one it doubles. bf16 has fp32's exponent range and needs none of this."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
 
 def compile_model(model: torch.nn.Module, enabled: bool, device: torch.device) -> Callable:

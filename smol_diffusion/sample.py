@@ -10,6 +10,7 @@ import time
 import torch
 
 from .checkpoint import load_checkpoint
+from .hardware import PRECISIONS
 from .samplers import SAMPLERS
 from .schedule import SPACINGS
 from .viz import save_grid
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch", type=int, default=256, help="images per network call")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="autocast precision (default: the checkpoint's, as in training)")
     args = parser.parse_args(argv)
     if args.n < 1 or args.batch < 1:
         parser.error("--n and --batch must be at least 1")
@@ -66,13 +69,13 @@ def main(argv: list[str] | None = None) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     options = {k: v for k, v in [("sampler", args.sampler), ("spacing", args.spacing),
-                                 ("eta", args.eta)] if v}
+                                 ("eta", args.eta), ("precision", args.precision)] if v}
     if args.guidance != 1.0:
         options["guidance"] = args.guidance
     try:
         labels = parse_labels(args.labels, ckpt.classes, args.n) if args.labels else None
         images = torch.cat([ckpt.sample(min(args.batch, args.n - i), generator=gen,
-                                        steps=args.steps, **options,
+                                        steps=args.steps, progress=True, **options,
                                         **({} if labels is None else
                                            {"labels": labels[i:i + args.batch]}))
                             for i in range(0, args.n, args.batch)])

@@ -17,9 +17,10 @@ from typing import Callable
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .diffusion import denoise, q_posterior
-from .hardware import autocast
+from .hardware import autocast, autocast_dtype
 from .schedule import NoiseSchedule, extract, spaced_timesteps
 
 Callback = Callable[[dict], None]
@@ -180,8 +181,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
            spacing: str = "trailing", eta: float = 0.0, noise: torch.Tensor | None = None,
            generator: torch.Generator | None = None, callback: Callback | None = None,
            clip: bool = True, variance: str = "small", prediction: str = "eps",
-           bf16: bool = False, labels: torch.Tensor | list[int] | None = None,
-           guidance: float = 1.0) -> torch.Tensor:
+           precision: str = "fp32", labels: torch.Tensor | list[int] | None = None,
+           guidance: float = 1.0, progress: bool = False) -> torch.Tensor:
     """Draw a batch of images in [-1, 1] with shape `shape` (B, C, H, W).
 
     `sampler`: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m", "dpm++3m" or "dpm++2m-sde".
@@ -191,8 +192,10 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
     training `timesteps`: one network call each. `noise` is x_T (drawn from `generator` if
     omitted; the same generator draws the samplers' noise). `prediction` says what the network
     outputs (eps, x0 or v); `variance` is the ancestral sampler's. The model runs in eval mode,
-    under bf16 autocast if `bf16`. With `clip` (the default) x0_hat and the result are clipped
-    to [-1, 1].
+    under the autocast `precision` ("fp32", "bf16", "fp16" or "auto", which `autocast_dtype`
+    resolves on the model's device). With `clip` (the default) x0_hat and the result are
+    clipped to [-1, 1]. `progress` shows a progress bar over the network calls (off by default,
+    for programs; the command line and the notebook turn it on).
 
     A class-conditional model takes `labels` (B,), one class per image, and a classifier-free
     `guidance` scale (`guided`): 0 unconditional, 1 conditional, more to follow the label more
@@ -235,14 +238,30 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
     options = {"ddpm": {"variance": variance}, "ddim": {"eta": eta}}.get(sampler, {})
     was_training = model.training
     model.eval()
+    bar = tqdm(total=len(ts), desc=f"{sampler}, {len(ts)} steps", disable=not progress,
+               leave=False, delay=0.5)  # shown once a batch takes more than a moment
     try:
-        with autocast(device, bf16):
+        with autocast(device, autocast_dtype(precision, device)):
             x = SAMPLERS[sampler](net, schedule, noise.to(device), ts, generator=generator,
-                                  clip=clip, prediction=prediction, callback=callback,
-                                  **options)
+                                  clip=clip, prediction=prediction,
+                                  callback=_counting(bar, callback), **options)
     finally:
+        bar.close()
         model.train(was_training)
     return x.clamp(-1, 1) if clip else x
+
+
+def _counting(bar: tqdm, callback: Callback | None) -> Callback | None:
+    """`callback`, advancing `bar` at each step; `callback` itself when the bar is off."""
+    if bar.disable:
+        return callback
+
+    def count(info: dict) -> None:
+        bar.update(1)
+        if callback is not None:
+            callback(info)
+
+    return count
 
 
 def guided(model: nn.Module, labels: torch.Tensor, guidance: float,

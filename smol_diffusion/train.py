@@ -26,11 +26,13 @@ from .data import make_dataset
 from .diffusion import simple_loss
 from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
 from .files import lock_folder, shown
-from .hardware import autocast, compile_model, distributed_env, pick_device, use_bf16
+from .hardware import (autocast, autocast_dtype, compile_model, distributed_env, grad_scaler,
+                       pick_device)
 from .interrupts import Interrupts
+from .runlog import RunLog
 from .schedule import NoiseSchedule
 from .unet import UNet
-from .viz import display_inline, save_grid
+from .viz import display_inline, save_grid, to_grid
 
 
 def lr_at(step: int, cfg) -> float:
@@ -50,11 +52,15 @@ def ema_decay_at(step: int, decay: float) -> float:
 
 def train(cfg: Config, progress: bool = True) -> dict:
     """Train a DDPM as `cfg` describes; returns the history {"step", "loss", "lr", "img_per_s",
-    "eval"} ("eval": a dict of metrics for each `eval_every` steps, see `evaluate`).
+    "grad_norm", "eval", "skipped"} ("eval": a dict of metrics for each `eval_every` steps, see
+    `evaluate`; "skipped": how many steps were skipped).
 
     Writes `out_dir/ckpt.pt` (atomically) every `checkpoint_every` steps and at the end, and a
     sample grid from the EMA model to `out_dir/samples_<step>.png` every `sample_every` steps
-    and at the end (shown inline in a notebook). Resumes from `cfg.train.resume` if set.
+    and at the end (shown inline in a notebook); appends each loss reading and evaluation to
+    `out_dir/log.jsonl` (and TensorBoard, where installed: `runlog`). Resumes from
+    `cfg.train.resume` if set. Autocasts to the `precision` that `autocast_dtype` resolves; in
+    fp16 the loss is scaled (`grad_scaler`), and the scale is saved with the checkpoint.
 
     A run owns its folder: a new run into one that holds a checkpoint is refused unless
     `overwrite`, and so is a second live run there. A step whose gradient is not finite (one
@@ -76,14 +82,15 @@ def train(cfg: Config, progress: bool = True) -> dict:
     with (lock_folder(Path(tc.out_dir)) if rank == 0 else contextlib.nullcontext()), \
             Interrupts(at_once=world == 1) as interrupts:
         check_out_dir(tc)
-        return _train(cfg, progress, interrupts)
+        with contextlib.closing(RunLog(tc.out_dir, enabled=rank == 0)) as log:
+            return _train(cfg, progress, interrupts, log)
 
 
 class TrainingDiverged(RuntimeError):
     """The loss or the gradients stopped being finite; the message says what to try."""
 
 
-def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
+def _train(cfg: Config, progress: bool, interrupts: Interrupts, log: RunLog) -> dict:
     """`train` once its output folder is its own: setup, then the numbered loop."""
     tc, mc = cfg.train, cfg.model
     rank, world, local_rank = distributed_env()
@@ -103,7 +110,7 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
         if own_group:  # the others wait while rank 0 builds the cache, samples or evaluates
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=60))
-    bf16 = use_bf16(tc.precision, device)
+    amp = autocast_dtype(tc.precision, device)  # bf16, fp16 or None (fp32)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -138,8 +145,9 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
     fused = device.type in ("cuda", "cpu")
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                             fused=fused, foreach=None if fused else True)
-    step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "eval": [],
-                     "skipped": 0}
+    scaler = grad_scaler(device, amp)  # fp16 only: loss scaling, off otherwise
+    step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "grad_norm": [],
+                        "eval": [], "skipped": 0}
     if tc.resume:
         state = read_checkpoint(tc.resume)
         check_same_model(state, cfg, tc.resume)
@@ -148,6 +156,8 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
         opt.load_state_dict(state["optimizer"])
         for group in opt.param_groups:  # the config's weight decay (the lr is set each step)
             group["weight_decay"] = tc.weight_decay
+        if scaler.is_enabled() and state.get("scaler"):  # fp16 goes on at its own scale
+            scaler.load_state_dict(state["scaler"])
         step, history = int(state["step"]), history | state.get("history", {})
 
     # built now, so that missing Inception weights stop the run before it trains, not after
@@ -159,9 +169,10 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
     def write_samples() -> None:
         ckpt = Checkpoint(ema, schedule, cfg, step, history, classes)
         x = ckpt.sample(tc.sample_n, generator=torch.Generator().manual_seed(tc.seed),
-                        bf16=bf16, labels=requested_labels(tc.sample_n, mc.num_classes)
+                        labels=requested_labels(tc.sample_n, mc.num_classes)
                         if mc.num_classes else None)
         display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png"))
+        log.image("samples", to_grid(x), step)
 
     def run_eval() -> dict:
         rows = evaluate(Checkpoint(ema, schedule, cfg, step, history, classes), tc.eval_n,
@@ -173,31 +184,36 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
     def write_checkpoint() -> None:
         save_checkpoint(ours, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-            "step": step, "config": dataclasses.asdict(cfg), "history": history,
-            "classes": classes})
+            "scaler": scaler.state_dict(), "step": step, "config": dataclasses.asdict(cfg),
+            "history": history, "classes": classes})
 
-    def read_log() -> None:
-        """Read the loss back (the one synchronisation) and record it; stop a run whose
-        steps since the last judgement, once they number log_every, were over half skipped;
-        share a stop request between processes."""
+    def take_reading() -> None:
+        """Read the loss back (the one synchronisation), record and log it; stop a run whose
+        steps since the last judgement, once they number log_every, were over half skipped
+        (in fp16, once the loss scale has also fallen to 1: the scaler's own skips, as it
+        lowers the scale, are no divergence); share a stop request between processes."""
         nonlocal n_sum, t_last, step_last, stop
         if world > 1:
-            sums[2] = float(interrupts.pending)
+            sums[3] = float(interrupts.pending)
             dist.all_reduce(sums)
-        loss_total, bad, stop = sums.tolist()
-        loss_total, bad, stop = loss_total / world, bad / world, stop > 0
+        loss_total, bad, norm_total, stop = sums.tolist()
+        loss_total, bad, norm_total, stop = (loss_total / world, bad / world, norm_total / world,
+                                             stop > 0)
         now = time.time()
         rate = (step - step_last) * tc.batch_size / max(now - t_last, 1e-9)
         loss = loss_total / (n_sum - bad) if n_sum > bad else math.nan
-        history["step"].append(step)
-        history["loss"].append(loss)
-        history["lr"].append(lr)
-        history["img_per_s"].append(rate)
+        norm = norm_total / (n_sum - bad) if n_sum > bad else math.nan
+        scale = scaler.get_scale()  # 1.0 unless fp16
+        for name, value in (("step", step), ("loss", loss), ("lr", lr), ("img_per_s", rate),
+                            ("grad_norm", norm)):
+            history[name].append(value)
         history["skipped"] += int(bad)
+        log.write("train", step, loss=loss, lr=lr, img_per_s=rate, grad_norm=norm,
+                  skipped=int(bad), **({"loss_scale": scale} if scaler.is_enabled() else {}))
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{rate:.0f}",
                         **({"skipped": history["skipped"]} if history["skipped"] else {}))
         window[0], window[1] = window[0] + bad, window[1] + n_sum
-        if window[0] > window[1] / 2 and window[1] >= tc.log_every \
+        if window[0] > window[1] / 2 and window[1] >= tc.log_every and scale <= 1 \
                 or not math.isfinite(loss_total):
             kept = f"{shown(ours)} was left as it was" if ours.is_file() else "nothing was saved"
             raise TrainingDiverged(
@@ -210,13 +226,18 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
         sums.zero_()
         n_sum, t_last, step_last = 0, now, step
 
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp]
+    log.write("start", step, resume=tc.resume, precision=precision, device=str(device),
+              processes=world, config=dataclasses.asdict(cfg))
     model.train()
     # Resume mid-epoch: the same order as an uninterrupted run, minus the batches already seen.
     epoch, skip = divmod(step, steps_per_epoch)
     mine = slice(rank * local, (rank + 1) * local)  # this process's share of a global batch
-    bar = tqdm(total=tc.steps, initial=step, disable=not progress or rank > 0, desc="train")
-    # the loss summed over the steps that were finite, the steps that were not, a stop request
-    sums, n_sum, t_last, step_last = torch.zeros(3, device=device), 0, time.time(), step
+    bar = tqdm(total=tc.steps, initial=step, disable=not progress or rank > 0,
+               desc=f"train ({precision})")
+    # over the steps that were finite: the loss and gradient norm summed; the steps that were
+    # not; a stop request
+    sums, n_sum, t_last, step_last = torch.zeros(4, device=device), 0, time.time(), step
     window = [0, 0]  # skipped and all steps since divergence was last judged
     saved, stop, interrupted, error = step, False, False, None  # `saved`: the step on disk
     try:
@@ -246,18 +267,22 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
                     sync = contextlib.nullcontext() if world == 1 or k == tc.grad_accum - 1 \
                         else ddp.no_sync()
                     with sync:
-                        with autocast(device, bf16):
+                        with autocast(device, amp):
                             loss = simple_loss(net, schedule, x0[part],
                                                cfg.diffusion.min_snr_gamma,
                                                cfg.diffusion.prediction, t=t[part],
                                                noise=noise[part],
                                                y=None if y is None else y[part])
-                        (loss / tc.grad_accum).backward()
+                        scaler.scale(loss / tc.grad_accum).backward()
                     step_loss += loss.detach() / tc.grad_accum
                 # a signal waits while the weights, optimizer, EMA, step and log change together
                 with interrupts.held():
-                    # 4. clip, step: a step whose gradient is not finite (one bad batch) is
-                    # skipped on the device, without a synchronisation, and counted
+                    # 4. clip, step: a step whose gradient is not finite (one bad batch, or an
+                    # fp16 overflow) is skipped on the device, without a synchronisation, and
+                    # counted. fp16: the gradients are unscaled first, and the scaler, told of
+                    # the overflow by unscale_, lowers its scale (GradScaler.step would skip the
+                    # same steps: its found_inf is ours, as the gradients are the same tensors)
+                    scaler.unscale_(opt)
                     norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
                     bad = ~torch.isfinite(norm)  # the same on every process (DDP averaged)
                     if fused:  # the fused AdamW kernel skips the update where found_inf is 1
@@ -265,10 +290,12 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
                         opt.step()
                     elif not bad:  # MPS: one synchronisation a step
                         opt.step()
+                    scaler.update()
                     # 5. EMA: ema <- ema + (1 - decay) (params - ema); the same on every process
                     torch._foreach_lerp_(ema_params, params,
                                          1.0 - ema_decay_at(step, tc.ema_decay))
-                    sums[:2] += torch.stack([torch.where(bad, 0.0, step_loss), bad.float()])
+                    sums[:3] += torch.stack([torch.where(bad, 0.0, step_loss), bad.float(),
+                                             torch.where(bad, 0.0, norm.float())])
                     step += 1
                     n_sum += 1
                     bar.update(1)
@@ -276,7 +303,7 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
                     save_due = (tc.checkpoint_every and step % tc.checkpoint_every == 0
                                 and step < tc.steps)
                     if step % tc.log_every == 0 or step == tc.steps or save_due:
-                        read_log()
+                        take_reading()
                 if stop:  # torchrun: every process stops at this step
                     raise KeyboardInterrupt
                 # 7. sample and evaluate, 8. checkpoint: rank 0 only
@@ -286,6 +313,8 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
                 if rank == 0 and tc.eval_every and (step % tc.eval_every == 0
                                                     or step == tc.steps):
                     history["eval"].append(run_eval())
+                    log.write("eval", step, **{k: v for k, v in history["eval"][-1].items()
+                                               if k != "step"})
                     bar.set_postfix(loss=f"{history['loss'][-1]:.4f}",
                                     fid=f"{history['eval'][-1]['fid']:.3g}")
                 if rank == 0 and save_due:
@@ -307,7 +336,7 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts) -> dict:
                 if interrupted or error:
                     tqdm.write(f"writing a checkpoint at step {step} to {shown(ours)}")
                 if n_sum and world == 1:
-                    read_log()  # the steps since the last reading
+                    take_reading()  # the steps since the last reading
                 write_checkpoint()
         except Exception as e:
             raise e from error

@@ -1,6 +1,7 @@
 """Plotting: image grids, the forward process, the denoising trajectory, the loss curve."""
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from .diffusion import q_sample
+from .runlog import read_log
 from .schedule import NoiseSchedule
 
 
@@ -79,13 +81,21 @@ def plot_trajectory(frames: list[dict], n_show: int = 8, index: int = 0) -> plt.
     return fig
 
 
-def plot_loss(history: dict, ax: plt.Axes | None = None) -> plt.Axes:
-    """The training loss against the step, on a log scale."""
+def plot_loss(run: str | Path | dict, ax: plt.Axes | None = None) -> plt.Axes:
+    """The training loss against the step, on a log scale, from a run's folder (or its
+    log.jsonl: the whole run, resumes and interrupted runs included) or a history dict."""
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(history["step"], history["loss"])
+    if isinstance(run, dict):
+        steps, losses = run["step"], run["loss"]
+    else:
+        rows = read_log(run)["train"]
+        steps = [r["step"] for r in rows]
+        losses = [math.nan if r["loss"] is None else r["loss"] for r in rows]
+    ax.plot(steps, losses)
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(alpha=0.3)
     return ax
+

@@ -92,7 +92,7 @@ def test_right_types_are_stored_as_annotated():
     ({"grad_clip": math.nan}, "grad_clip must be a number > 0"),
     ({"ema_decay": 1.5}, "ema_decay must be a number in [0, 1]; got 1.5"),
     ({"label_dropout": -0.1}, "label_dropout must be a number in [0, 1]; got -0.1"),
-    ({"precision": "fp16"}, "precision must be one of auto, bf16, fp32; got 'fp16'"),
+    ({"precision": "fp8"}, "precision must be one of auto, bf16, fp16, fp32; got 'fp8'"),
     ({"seed": -1}, "seed must be an integer in [0, 2**64); got -1"),
     ({"seed": 2**64}, "seed must be an integer in [0, 2**64)"),
     ({"log_every": 0}, "log_every must be an integer >= 1; got 0"),

@@ -146,14 +146,16 @@ def test_evaluate_end_to_end(tiny_cfg, tmp_path, fast_digits, capsys):
         assert np.isfinite(r["value"]) and r["seconds"] >= 0
     assert rows[0]["n"] == 20 and rows[0]["extractor"] == "digits" and rows[0]["steps"] == 5
     assert rows[3]["n"] == 8 and rows[3]["steps"] == 50 and "test" in rows[3]["sampler"]
-    floor = evaluate(ckpt, 20, real=True, cache_dir=tmp_path / "cache", progress=False)
+    floor = evaluate(ckpt, 20, real=True, cache_dir=tmp_path / "cache")
     assert [r["metric"] for r in floor] == ["fid", "kid", "recognisable"]
     assert floor[0]["value"] < rows[0]["value"]  # real digits beat a 40-step model
+    assert capsys.readouterr().err == ""  # no progress bars by default: programs call this
     out = tmp_path / "eval.json"
     main(["--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "10", "--metrics", "fid,kid",
           "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"])
-    printed = capsys.readouterr().out
-    assert "fid" in printed and "kid" in printed
+    printed = capsys.readouterr()
+    assert "fid" in printed.out and "kid" in printed.out
+    assert "sampling:" in printed.err and "0/10 " in printed.err  # the command line's bar
     saved = json.loads(out.read_text())
     assert saved["step"] == 40 and [r["metric"] for r in saved["results"]] == ["fid", "kid"]
     assert set(saved["results"][0]) >= {"metric", "value", "n", "extractor", "sampler",

@@ -1,5 +1,7 @@
 """The samplers with the exact denoiser of Gaussian data, whose answers are known: the data's
 variance, the exact probability-flow solution, and each other."""
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -207,3 +209,22 @@ def test_bad_arguments():
         sample(model, schedule, (1, 1, 2, 2), steps=0)  # not read as "all 100"
     with pytest.raises(ValueError, match="noise has shape"):
         sample(model, schedule, (1, 1, 2, 2), noise=torch.randn(2, 1, 2, 2))
+
+
+class SlowDenoiser(GaussianDenoiser):
+    """The exact denoiser, a tenth of a second a call: a sampler that takes a moment."""
+
+    def forward(self, x, t):
+        time.sleep(0.1)
+        return super().forward(x, t)
+
+
+def test_a_progress_bar_is_shown_only_when_asked_for(capsys):
+    schedule = NoiseSchedule.linear(1000)
+    model = SlowDenoiser(schedule, 0.5)
+    seen = []
+    sample(model, schedule, (2, 1, 4, 4), steps=8, progress=True, callback=seen.append)
+    bar = capsys.readouterr().err
+    assert "ddpm, 8 steps: 100%" in bar and "8/8" in bar and len(seen) == 8
+    sample(model, schedule, (2, 1, 4, 4), steps=8)  # programs: no bar by default
+    assert capsys.readouterr().err == ""
