@@ -183,8 +183,15 @@ def stored_config(state: dict, path: str | Path) -> Config:
 
 
 def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> Checkpoint:
-    """Load a checkpoint written by `train` and rebuild its EMA model from the stored config."""
-    state = read_checkpoint(path)
+    """Load a checkpoint written by `train`, or an export of one (`export.export_weights`: its
+    folder, or the model.safetensors in it), and rebuild its EMA model from the stored config.
+    An export has no training history (`history` is {})."""
+    path = Path(path)
+    if path.is_dir() or path.suffix == ".safetensors":  # an export: safetensors and JSON only
+        from .export import read_export  # here, not above: export.py imports this module
+        state, path = read_export(path)  # later errors name the weights file
+    else:
+        state = read_checkpoint(path)
     cfg = stored_config(state, path)
     model = UNet(cfg.model)
     load_weights(model, state["ema"], path)
