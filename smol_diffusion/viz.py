@@ -1,4 +1,5 @@
-"""Plotting: image grids, the forward process, the denoising trajectory, the loss curve."""
+"""Plotting: image grids, the forward process, the denoising trajectory, the loss curve, and
+an interactive sampling panel for the notebook."""
 from __future__ import annotations
 
 import math
@@ -11,6 +12,7 @@ from torchvision.utils import make_grid, save_image
 
 from .diffusion import q_sample
 from .runlog import read_log
+from .samplers import SAMPLERS
 from .schedule import NoiseSchedule
 
 
@@ -99,3 +101,49 @@ def plot_loss(run: str | Path | dict, ax: plt.Axes | None = None) -> plt.Axes:
     ax.grid(alpha=0.3)
     return ax
 
+
+def explore(ckpt, n: int = 16):
+    """An interactive panel in a notebook: the sampler, its steps and the seed (and for a
+    class-conditional model the class and the guidance scale), and a Draw button that samples
+    `n` images from `ckpt` (a `Checkpoint`) and redraws the grid below. Draws one grid at once.
+
+    Returns the ipywidgets panel. Without ipywidgets, prints how to get it and how to sample
+    without it, and returns None."""
+    try:
+        import ipywidgets as w
+        from IPython.display import display
+    except ImportError:
+        print("the interactive panel needs ipywidgets (pip install ipywidgets); without it: "
+              "viz.show_grid(ckpt.sample(16, sampler='ddim', steps=20, "
+              "generator=torch.Generator().manual_seed(0)))")
+        return None
+    d = ckpt.config.diffusion
+    controls = {"sampler": w.Dropdown(options=list(SAMPLERS), value=d.sampler,
+                                      description="sampler"),
+                "steps": w.IntSlider(value=d.sample_steps, min=1, max=ckpt.schedule.T,
+                                     description="steps"),
+                "seed": w.IntText(value=0, description="seed")}
+    if ckpt.classes:
+        controls["label"] = w.Dropdown(options=[(name, i) for i, name in enumerate(ckpt.classes)],
+                                       description="class")
+        controls["guidance"] = w.FloatSlider(value=2.0, min=0.0, max=8.0, step=0.5,
+                                             description="guidance")
+    button, out = w.Button(description="Draw", button_style="primary"), w.Output()
+
+    def draw(_=None) -> None:
+        v = {name: c.value for name, c in controls.items()}
+        extra = {"labels": [v["label"]] * n, "guidance": v["guidance"]} if ckpt.classes else {}
+        with out:
+            out.clear_output(wait=True)
+            x = ckpt.sample(n, sampler=v["sampler"], steps=v["steps"], progress=True,
+                            generator=torch.Generator().manual_seed(v["seed"]), **extra)
+            title = f"{v['sampler']}, {v['steps']} steps, seed {v['seed']}" + (
+                f", {ckpt.classes[v['label']]}, guidance {v['guidance']:g}" if extra else "")
+            show_grid(x, title=title)
+            plt.show()
+
+    button.on_click(draw)
+    panel = w.VBox([w.HBox(list(controls.values()) + [button]), out])
+    display(panel)
+    draw()
+    return panel

@@ -34,3 +34,6 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "recognisable" in text and "bpd" in text and "real (test split)" in text
     assert text.count("class_match") == 3  # guidance 1, 2 and 4
+    panel = next(c for c in nb.cells if c.get("id") == "explore")  # the interactive panel
+    assert any("application/vnd.jupyter.widget-view+json" in o.get("data", {})
+               for o in panel.outputs)
