@@ -11,6 +11,7 @@ import dataclasses
 import datetime
 import math
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -111,6 +112,10 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts, log: RunLog) -> 
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=60))
     amp = autocast_dtype(tc.precision, device)  # bf16, fp16 or None (fp32)
+    if amp == torch.float16 and device.type == "cpu":
+        warnings.warn("fp16 on a CPU runs PyTorch's slow reference kernels (tens of times slower "
+                      "than fp32 for the demo): it is for older GPUs; use precision "
+                      "'auto' or 'fp32' here", stacklevel=3)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

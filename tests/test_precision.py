@@ -14,6 +14,8 @@ from smol_diffusion.runlog import read_log
 from smol_diffusion.train import TrainingDiverged
 
 CUDA = torch.device("cuda", 0)
+# fp16 runs here on the CPU, where it is slow (and warns so): the tiny model takes seconds
+pytestmark = pytest.mark.filterwarnings("ignore:fp16 on a CPU")
 
 
 @pytest.mark.parametrize("capability, hip, expected", [
@@ -40,6 +42,12 @@ def test_explicit_precisions_are_taken_as_given():
     assert autocast_dtype("auto", torch.device("mps")) is None
     with pytest.raises(ValueError, match="precision must be one of auto, bf16, fp16, fp32"):
         autocast_dtype("half", CUDA)
+
+
+def test_fp16_on_a_cpu_warns_that_it_is_slow(tiny_cfg):
+    with pytest.warns(UserWarning, match="fp16 on a CPU runs PyTorch's slow reference kernels"):
+        smol_diffusion.train(tiny_cfg.override(precision="fp16", steps=1, sample_n=0),
+                             progress=False)
 
 
 def test_only_fp16_scales_the_loss():
