@@ -44,3 +44,27 @@ def test_bad_input_is_explained(tmp_path):
     assert r.returncode != 0 and "error: unknown device 'tpu0'" in r.stderr
     r = run("smol_diffusion.train", "--T", "20")
     assert r.returncode != 0 and "sample_steps in [1, T]; got T=20, sample_steps=50" in r.stderr
+
+
+def test_sample_shows_progress_and_takes_a_precision(tiny_cfg, tmp_path, monkeypatch):
+    """The sample command line asks for progress bars, and for the checkpoint's precision
+    unless --precision says otherwise."""
+    import importlib
+
+    import smol_diffusion
+    from smol_diffusion.checkpoint import Checkpoint
+
+    smol_diffusion.train(tiny_cfg.override(steps=1, sample_n=0), progress=False)
+    cli, calls, real = importlib.import_module("smol_diffusion.sample"), [], Checkpoint.sample
+
+    def sample(self, n, **kwargs):
+        calls.append(kwargs)
+        return real(self, n, **kwargs)
+
+    monkeypatch.setattr(Checkpoint, "sample", sample)
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    cli.main(["--checkpoint", ckpt, "--n", "2", "--steps", "2", "--out", str(tmp_path / "a.png")])
+    cli.main(["--checkpoint", ckpt, "--n", "2", "--steps", "2", "--out", str(tmp_path / "b.png"),
+              "--precision", "fp16"])
+    assert [c["progress"] for c in calls] == [True, True]
+    assert "precision" not in calls[0] and calls[1]["precision"] == "fp16"
