@@ -4,7 +4,8 @@
     python benchmarks/compare_commits.py --before A --after B -- --preset demo --steps 500
 
 Each commit is checked out in a temporary git worktree and the command (default: the README's
-demo, `--preset demo`) runs there as `python -m smol_diffusion.train ARGS --out_dir TMP`,
+demo, `--preset demo`) runs there as `python -m smol_diffusion train ARGS --out_dir TMP`
+(`python -m smol_diffusion.train` at commits before the one command line),
 alternating the order each round (A B, B A, ...) so that drift of a shared, noisy machine
 falls on both. Per run: the wall time the command reports ("done: N steps in Ts") and the
 median img/s of its loss readings after the first (which holds the start-up). Prints each
@@ -28,7 +29,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run(worktree: Path, args: list[str], out_dir: Path) -> tuple[float, float]:
     """(wall seconds, median img/s) of one training run in `worktree`."""
-    r = subprocess.run([sys.executable, "-m", "smol_diffusion.train", *args,
+    command = (["smol_diffusion", "train"] if (worktree / "smol_diffusion" / "__main__.py").exists()
+               else ["smol_diffusion.train"])
+    r = subprocess.run([sys.executable, "-m", *command, *args,
                         "--out_dir", str(out_dir)], cwd=worktree, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"the run in {worktree} failed:\n{r.stderr[-3000:]}")
@@ -48,7 +51,7 @@ def main() -> None:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor()) \
         if Path("/proc/cpuinfo").exists() else platform.processor()
-    print(f"machine: {cpu}, torch {torch.__version__}; command: python -m smol_diffusion.train "
+    print(f"machine: {cpu}, torch {torch.__version__}; command: python -m smol_diffusion train "
           f"{' '.join(args.train_args)}")
     results = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,5 @@
-"""Evaluation of a checkpoint: FID, KID, recognisability and bits/dim, and its command line:
-
-    python -m smol_diffusion.evaluate --checkpoint checkpoints/demo/ckpt.pt --n 2000
+"""Evaluation of a checkpoint: FID, KID, recognisability and bits/dim (its command line:
+`smol-diffusion evaluate --checkpoint checkpoints/demo/ckpt.pt --n 2000`, cli.py).
 
 Samples are compared with the reference statistics of the data the model was trained on
 (computed once per dataset, resolution and extractor, cached under data/cache/). Every result
@@ -9,7 +8,6 @@ row says how many images it used, which extractor, sampler and steps, and how lo
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -20,14 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint, load_checkpoint
+from .checkpoint import Checkpoint
 from .config import Config
 from .data import make_dataset, to_model_range
 from .features import Extractor, digit_extractor, inception_extractor
 from .likelihood import bits_per_dim
 from .metrics import frechet_distance, gaussian_stats, kid, recognisability
-from .samplers import SAMPLERS
-from .schedule import SPACINGS
 
 SAMPLE_METRICS = ("fid", "kid", "recognisable", "class_match")
 METRICS = SAMPLE_METRICS + ("bpd",)
@@ -274,72 +270,3 @@ def format_table(rows: list[dict]) -> str:
                      f"{r['seconds']:>9.1f}")
     return "\n".join(lines)
 
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m smol_diffusion.evaluate",
-                                     description="FID, KID, recognisability and bits/dim.")
-    parser.add_argument("--checkpoint", required=True, help="a ckpt.pt written by training")
-    parser.add_argument("--n", type=int, default=500, help="samples for fid/kid/recognisable")
-    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                        help="default: the checkpoint's")
-    parser.add_argument("--spacing", default=None, choices=SPACINGS,
-                        help="default: the checkpoint's")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="sampling steps (default: the checkpoint's sample_steps)")
-    parser.add_argument("--metrics", default=None,
-                        help=f"comma-separated, from {','.join(METRICS)} (default: all that "
-                             "apply; recognisable needs the digits extractor)")
-    parser.add_argument("--extractor", choices=["digits", "inception"], default=None,
-                        help="default: digits for the embedded digits, else inception")
-    parser.add_argument("--inception-weights", default=None,
-                        help="path of the FID Inception weights (default: torch hub's cache)")
-    parser.add_argument("--bpd-n", type=int, default=500, help="held-out images for bits/dim")
-    parser.add_argument("--real", action="store_true",
-                        help="score n real training images instead of samples (the floor)")
-    parser.add_argument("--guidance", default=None,
-                        help="conditional models: comma-separated guidance scales, e.g. 1,2,4; "
-                             "each class is asked for in turn, and class_match scored")
-    parser.add_argument("--batch", type=int, default=250, help="images per network call")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cache-dir", default="data/cache")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--out", default=None,
-                        help="JSON file for the results (default: eval.json beside the checkpoint)")
-    args = parser.parse_args(argv)
-    if args.bpd_n < 1:
-        raise SystemExit(f"error: --bpd-n, the held-out images for bits/dim, must be at least 1; "
-                         f"got {args.bpd_n}")
-    try:
-        ckpt = load_checkpoint(args.checkpoint, device=args.device)
-        metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
-        scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
-        extractor = args.extractor
-        if len(scales) > 1 and ckpt.config.model.num_classes \
-                and set(metrics or SAMPLE_METRICS) & set(SAMPLE_METRICS):
-            # one extractor for every scale: loading or training it takes seconds
-            extractor = get_extractor(args.extractor, ckpt.config, args.cache_dir,
-                                      args.inception_weights, next(ckpt.model.parameters()).device)
-        rows = []
-        for j, g in enumerate(scales):  # bits/dim does not depend on the guidance: once
-            wanted = metrics or default_metrics(ckpt.config, extractor, g)
-            wanted = tuple(m for m in wanted if m != "bpd" or j == 0)
-            if not wanted:  # only bits/dim was asked for, and it is done
-                break
-            rows += evaluate(
-                ckpt, args.n, metrics=wanted,
-                extractor=extractor, sampler=args.sampler, steps=args.steps,
-                spacing=args.spacing, real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
-                seed=args.seed, cache_dir=args.cache_dir,
-                inception_weights=args.inception_weights, guidance=g, progress=True)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
-        raise SystemExit(f"error: {e}") from None
-    print(format_table(rows))
-    out = Path(args.out or Path(args.checkpoint).with_name("eval.json"))
-    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": ckpt.step,
-                               "results": rows}, indent=1) + "\n")
-    print(f"-> {out}")
-
-
-if __name__ == "__main__":
-    main()

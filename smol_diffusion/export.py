@@ -1,6 +1,6 @@
 """Shareable weights: a checkpoint's EMA model as safetensors, loadable without pickle.
 
-    python -m smol_diffusion.export --checkpoint checkpoints/demo/ckpt.pt --out exported/demo
+    smol-diffusion export --checkpoint checkpoints/demo/ckpt.pt --out exported/demo
 
 writes `model.safetensors` (the EMA weights) and `config.json` (the whole config, the step, the
 class names and the sha256 of the weights), which `load_checkpoint` loads like a `ckpt.pt`.
@@ -11,7 +11,6 @@ diffusers: it only writes files in its format.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -33,18 +32,22 @@ FORMAT, VERSION = "smol_diffusion.export", 1
 # The diffusers release whose file layout the diffusers export follows (checked against it by
 # tests/test_export.py); diffusers reads this field to adapt configs written by old releases.
 DIFFUSERS_VERSION = "0.42.1"
-HOW = "python -m smol_diffusion.export --checkpoint CKPT --out FOLDER"
+HOW = "smol-diffusion export --checkpoint CKPT --out FOLDER"
 
 
 def export_weights(checkpoint: Checkpoint | str | Path, out_dir: str | Path, *,
-                   overwrite: bool = False) -> Path:
+                   diffusers: bool = False, overwrite: bool = False) -> Path:
     """Write the EMA weights of `checkpoint` (a loaded one, or the path of one) to
     `out_dir/model.safetensors` and its config, step and classes to `out_dir/config.json`;
-    return `out_dir`, which `load_checkpoint` accepts. An existing export there is refused
+    return `out_dir`, which `load_checkpoint` accepts. With `diffusers`, the folder also gets
+    `export_diffusers`' files, all written together. An existing export there is refused
     unless `overwrite`, and so are weights that are not finite."""
     ckpt = _loaded(checkpoint)
     out_dir = Path(out_dir)
-    _write(_weights_files(ckpt, out_dir), overwrite)
+    files = _weights_files(ckpt, out_dir)
+    if diffusers:
+        files |= _diffusers_files(ckpt, out_dir)
+    _write(files, overwrite)
     return out_dir
 
 
@@ -307,32 +310,3 @@ def _write(files: dict[Path, bytes], overwrite: bool) -> None:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
 
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
-    parser = argparse.ArgumentParser(prog="python -m smol_diffusion.export",
-                                     description="Export a checkpoint's EMA weights as "
-                                                 "safetensors, loadable without pickle.")
-    parser.add_argument("--checkpoint", required=True, help="a ckpt.pt written by training")
-    parser.add_argument("--out", required=True, help="the folder to write the export to")
-    parser.add_argument("--diffusers", action="store_true",
-                        help="also write a diffusers DDPMPipeline (model_index.json, unet/, "
-                             "scheduler/) into the folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    try:
-        ckpt = load_checkpoint(args.checkpoint, device="cpu")
-        files = _weights_files(ckpt, out)
-        if args.diffusers:
-            files |= _diffusers_files(ckpt, out)
-        _write(files, args.overwrite)
-    except (ValueError, OSError) as e:  # the message says how to fix it
-        text = e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else e
-        raise SystemExit(f"error: {text}") from None
-    what = " and a diffusers DDPMPipeline" if args.diffusers else ""
-    print(f"exported the EMA weights of step {ckpt.step}{what} to {shown(out)}/")
-
-
-if __name__ == "__main__":
-    main()

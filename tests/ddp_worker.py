@@ -1,4 +1,4 @@
-"""Run by test_distributed.py under torchrun: `smol_diffusion.train` from command-line options,
+"""Run by test_distributed.py under torchrun: `smol-diffusion train` from command-line options,
 then this process's EMA weights and the number of files it wrote saved beside (not in) the
 run's folder, as rank<r>.pt."""
 import sys
@@ -6,10 +6,9 @@ from pathlib import Path
 
 import torch
 
-import smol_diffusion.train  # noqa: F401  (the module; the package's `train` is the function)
+import smol_diffusion.training as training
+from smol_diffusion.cli import parse_train
 from smol_diffusion.hardware import distributed_env
-
-training = sys.modules["smol_diffusion.train"]
 
 if __name__ == "__main__":
     captured = {}
@@ -24,7 +23,7 @@ if __name__ == "__main__":
     for name in ("save_checkpoint", "save_grid"):  # count the files this process writes
         real = getattr(training, name)
         setattr(training, name, lambda *a, real=real, **k: writes.append(1) or real(*a, **k))
-    cfg = training.parse_args(sys.argv[1:])
+    cfg = parse_train(sys.argv[1:])
     training.train(cfg)  # the progress bar (rank 0) tells a test that steps are being taken
     out = Path(cfg.train.out_dir).parent / f"rank{distributed_env()[0]}.pt"
     torch.save({"ema": [p.clone() for p in captured["ema"]], "writes": len(writes)}, out)

@@ -17,9 +17,8 @@ from smol_diffusion.checkpoint import Checkpoint
 from smol_diffusion.config import (PRESETS, Config, ModelConfig, TrainConfig, field_owner,
                                    get_preset, overrides_from)
 from smol_diffusion.evaluate import evaluate
-from smol_diffusion.evaluate import main as evaluate_main
-from smol_diffusion.train import main as train_main
-from smol_diffusion.train import parse_args
+from smol_diffusion.cli import main as cli_main
+from smol_diffusion.cli import parse_train as parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,14 +164,14 @@ def test_the_command_line_refuses_bad_values_by_name(capsys):
     with pytest.raises(SystemExit, match="error: --steps '2.5' is not a whole number"):
         parse_args(["--steps", "2.5"])
     with pytest.raises(SystemExit, match="error: channels must be an integer >= 1; got 0"):
-        train_main(["--channels", "0"])
+        cli_main(["train", "--channels", "0"])
     assert parse_args(["--overwrite"]).train.overwrite  # a bare bool flag means true
     assert not parse_args(["--overwrite", "false"]).train.overwrite
     assert not Config().train.overwrite
 
 
 def test_an_overflowing_number_is_an_error_not_a_traceback():
-    r = subprocess.run([sys.executable, "-m", "smol_diffusion.train", "--steps", "1e400"],
+    r = subprocess.run([sys.executable, "-m", "smol_diffusion", "train", "--steps", "1e400"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "error: --steps '1e400' is not a finite number" in r.stderr
@@ -181,7 +180,7 @@ def test_an_overflowing_number_is_an_error_not_a_traceback():
 def test_bits_per_dim_needs_at_least_one_image(tmp_path):
     with pytest.raises(SystemExit, match="--bpd-n, the held-out images for bits/dim, must be at "
                                          "least 1; got -1"):
-        evaluate_main(["--checkpoint", str(tmp_path / "ckpt.pt"), "--bpd-n", "-1"])
+        cli_main(["evaluate", "--checkpoint", str(tmp_path / "ckpt.pt"), "--bpd-n", "-1"])
     cfg = get_preset("demo").override(image_size=8, channel_mults=(1, 2))
     ckpt = Checkpoint(UNet(cfg.model), NoiseSchedule.from_name("cosine", 1000), cfg, 0, {})
     with pytest.raises(ValueError, match=r"bpd_n \(--bpd-n\).* must be at least 1; got 0"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import smol_diffusion
-from smol_diffusion.train import parse_args
+from smol_diffusion.cli import parse_train as parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # the tiny digits model of conftest, 6 steps of 16 images, the loss logged every step; fp32,

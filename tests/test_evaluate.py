@@ -13,7 +13,8 @@ from torch import nn
 
 import smol_diffusion
 from smol_diffusion import features, load_checkpoint
-from smol_diffusion.evaluate import _held_out_split, evaluate, main, reference_stats
+from smol_diffusion.cli import main as cli_main
+from smol_diffusion.evaluate import _held_out_split, evaluate, reference_stats
 from smol_diffusion.features import Extractor, FIDInception, inception_extractor
 
 
@@ -151,8 +152,9 @@ def test_evaluate_end_to_end(tiny_cfg, tmp_path, fast_digits, capsys):
     assert floor[0]["value"] < rows[0]["value"]  # real digits beat a 40-step model
     assert capsys.readouterr().err == ""  # no progress bars by default: programs call this
     out = tmp_path / "eval.json"
-    main(["--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "10", "--metrics", "fid,kid",
-          "--cache-dir", str(tmp_path / "cache"), "--out", str(out), "--device", "cpu"])
+    cli_main(["evaluate", "--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "10",
+              "--metrics", "fid,kid", "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+              "--device", "cpu"])
     printed = capsys.readouterr()
     assert "fid" in printed.out and "kid" in printed.out
     assert "sampling:" in printed.err and "0/10 " in printed.err  # the command line's bar
@@ -166,12 +168,12 @@ def test_evaluate_rejects_bad_input(tiny_cfg, tmp_path):
     smol_diffusion.train(tiny_cfg.override(sample_every=0, sample_n=0, steps=2), progress=False)
     ckpt = f"{tiny_cfg.train.out_dir}/ckpt.pt"
     with pytest.raises(SystemExit, match="unknown metrics"):
-        main(["--checkpoint", ckpt, "--metrics", "fid,isc"])
+        cli_main(["evaluate", "--checkpoint", ckpt, "--metrics", "fid,isc"])
     with pytest.raises(SystemExit, match="batch_size at least 1; got 500, 0"):
-        main(["--checkpoint", ckpt, "--batch", "0"])
+        cli_main(["evaluate", "--checkpoint", ckpt, "--batch", "0"])
     with pytest.raises(SystemExit, match="no FID Inception weights"):
-        main(["--checkpoint", ckpt, "--extractor", "inception", "--metrics", "fid",
-              "--inception-weights", str(tmp_path / "none.pth")])
+        cli_main(["evaluate", "--checkpoint", ckpt, "--extractor", "inception", "--metrics",
+                  "fid", "--inception-weights", str(tmp_path / "none.pth")])
 
 
 def test_training_evaluates_at_an_interval(tiny_cfg, tmp_path, fast_digits, monkeypatch):
@@ -189,7 +191,7 @@ def test_training_without_its_extractor_stops_before_it_trains(tmp_path, monkeyp
     cfg = folder_cfg(tmp_path).override(eval_every=5, steps=10, batch_size=4,
                                         out_dir=str(tmp_path / "run"))
     steps = []
-    train_module = sys.modules["smol_diffusion.train"]
+    train_module = sys.modules["smol_diffusion.training"]
     real_loss = train_module.simple_loss
     monkeypatch.setattr(train_module, "simple_loss", lambda *a, **k: steps.append(1)
                         or real_loss(*a, **k))

@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 import smol_diffusion
 from smol_diffusion import NoiseSchedule, UNet, get_preset, load_checkpoint
 from smol_diffusion.checkpoint import Checkpoint
-from smol_diffusion.export import diffusers_mismatch, export_diffusers, export_weights, main
+from smol_diffusion.cli import main as cli_main
+from smol_diffusion.export import diffusers_mismatch, export_diffusers, export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,20 +125,22 @@ def test_a_broken_export_is_refused_naming_the_file_and_the_fix(ckpt_path, tmp_p
 
 def test_the_command_line(ckpt_path, tmp_path, capsys):
     out = tmp_path / "exported"
-    main(["--checkpoint", str(ckpt_path), "--out", str(out)])
+    cli_main(["export", "--checkpoint", str(ckpt_path), "--out", str(out)])
     assert "exported the EMA weights of step 2 to" in capsys.readouterr().out
     assert load_checkpoint(out, "cpu").step == 2
     with pytest.raises(SystemExit, match=r"^error: .*model.safetensors already exists"):
-        main(["--checkpoint", str(ckpt_path), "--out", str(out)])
-    main(["--checkpoint", str(ckpt_path), "--out", str(out), "--overwrite"])
+        cli_main(["export", "--checkpoint", str(ckpt_path), "--out", str(out)])
+    cli_main(["export", "--checkpoint", str(ckpt_path), "--out", str(out), "--overwrite"])
     with pytest.raises(SystemExit, match=r"^error: no checkpoint at .*nope.pt"):
-        main(["--checkpoint", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "x")])
+        cli_main(["export", "--checkpoint", str(tmp_path / "nope.pt"), "--out",
+                  str(tmp_path / "x")])
     # the tiny UNet is not a UNet2DModel (see below): refused before anything is written
     with pytest.raises(SystemExit, match=r"^error: this model does not map exactly onto "
                                          r"diffusers' UNet2DModel: GroupNorm .* groups"):
-        main(["--checkpoint", str(ckpt_path), "--out", str(tmp_path / "d"), "--diffusers"])
+        cli_main(["export", "--checkpoint", str(ckpt_path), "--out", str(tmp_path / "d"),
+                  "--diffusers"])
     assert not (tmp_path / "d").exists()
-    r = subprocess.run([sys.executable, "-m", "smol_diffusion.export", "--checkpoint",
+    r = subprocess.run([sys.executable, "-m", "smol_diffusion", "export", "--checkpoint",
                         str(ckpt_path), "--out", str(tmp_path / "cli")], cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr

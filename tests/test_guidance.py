@@ -15,11 +15,13 @@ from smol_diffusion import DataConfig, ModelConfig, NoiseSchedule, UNet, sample
 from smol_diffusion.data import DatasetError, make_dataset
 from smol_diffusion.evaluate import evaluate
 from smol_diffusion.features import Extractor
-from smol_diffusion.sample import parse_labels
+from smol_diffusion.cli import main as cli_main
+from smol_diffusion.cli import parse_labels
 from smol_diffusion.samplers import guided
 
 # the module (the package's attribute smol_diffusion.evaluate is the function)
 evaluate_module = importlib.import_module("smol_diffusion.evaluate")
+cli_module = importlib.import_module("smol_diffusion.cli")
 
 
 def conditional_unet(num_classes: int = 3) -> UNet:
@@ -160,11 +162,11 @@ def test_evaluate_cli_builds_one_extractor_for_all_guidance_scales(tiny_cfg, tmp
     def get_extractor(*args):
         built.append(args)
         return Extractor("digits", "const", ConstantClassifier(), torch.device("cpu"))
-    monkeypatch.setattr(evaluate_module, "get_extractor", get_extractor)
+    monkeypatch.setattr(cli_module, "get_extractor", get_extractor)  # the command line's call
     out = tmp_path / "eval.json"
-    evaluate_module.main(["--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
-                          "--steps", "2", "--metrics", "class_match", "--guidance", "1,2",
-                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    cli_main(["evaluate", "--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
+              "--steps", "2", "--metrics", "class_match", "--guidance", "1,2",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert len(built) == 1
     rows = json.loads(out.read_text())["results"]
     assert [(r["metric"], r["guidance"]) for r in rows] == [("class_match", 1.0),
@@ -172,10 +174,10 @@ def test_evaluate_cli_builds_one_extractor_for_all_guidance_scales(tiny_cfg, tmp
     # bits/dim does not depend on the guidance: one row, and nothing else for the other scale
     monkeypatch.setattr(evaluate_module, "bits_per_dim",
                         lambda model, schedule, x0, **kw: {"bpd": torch.ones(len(x0))})
-    evaluate_module.main(["--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
-                          "--metrics", "bpd", "--bpd-n", "4", "--guidance", "1,2",
-                          "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    cli_main(["evaluate", "--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
+              "--metrics", "bpd", "--bpd-n", "4", "--guidance", "1,2",
+              "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
     assert [r["metric"] for r in json.loads(out.read_text())["results"]] == ["bpd"]
     with pytest.raises(SystemExit, match="no guidance: drop guidance"):
-        evaluate_module.main(["--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
-                              "--real", "--guidance", "2", "--out", str(out)])
+        cli_main(["evaluate", "--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", "4",
+                  "--real", "--guidance", "2", "--out", str(out)])

@@ -19,7 +19,7 @@ from smol_diffusion import load_checkpoint
 from smol_diffusion.checkpoint import read_checkpoint, save_checkpoint
 from smol_diffusion.files import lock_folder
 from smol_diffusion.interrupts import Interrupts
-from smol_diffusion.train import TrainingDiverged
+from smol_diffusion.training import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # the same sums
@@ -64,7 +64,7 @@ def test_a_second_live_run_in_a_folder_is_refused_and_a_killed_one_blocks_nothin
 
 def test_an_output_folder_that_cannot_be_written_stops_the_run_before_it_trains(
         tiny_cfg, tmp_path, monkeypatch, read_only_disk):
-    monkeypatch.setattr(sys.modules["smol_diffusion.train"], "make_dataset",
+    monkeypatch.setattr(sys.modules["smol_diffusion.training"], "make_dataset",
                         lambda *a: pytest.fail("the dataset was built"))
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="cannot write to the output folder .*file/run .*choose "
@@ -95,7 +95,7 @@ def test_a_diverged_run_stops_and_keeps_the_last_good_checkpoint(tiny_cfg, tmp_p
 def test_one_bad_batch_is_skipped_and_counted(tiny_cfg, monkeypatch):
     """A NaN loss at one step: that update is skipped (the weights stay finite and the run goes
     on), and history["skipped"] counts it."""
-    train_module = sys.modules["smol_diffusion.train"]
+    train_module = sys.modules["smol_diffusion.training"]
     real_loss, calls = train_module.simple_loss, []
 
     def loss_with_one_nan(*args, **kwargs):
@@ -136,7 +136,7 @@ def test_non_finite_weights_are_neither_written_nor_loaded(tiny_cfg, tmp_path):
     torch.save(state, path)  # a file that rotted
     with pytest.raises(ValueError, match=f"refusing to load {path}: its ema weight {name}"):
         load_checkpoint(path)
-    r = subprocess.run([sys.executable, "-m", "smol_diffusion.sample", "--checkpoint", str(path),
+    r = subprocess.run([sys.executable, "-m", "smol_diffusion", "sample", "--checkpoint", str(path),
                         "--out", str(tmp_path / "grid.png")], cwd=ROOT, capture_output=True,
                        text=True)
     assert r.returncode == 1 and "refusing to load" in r.stderr
@@ -149,7 +149,7 @@ def test_an_error_outside_an_update_keeps_the_steps_trained(tiny_cfg, tmp_path, 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(sys.modules["smol_diffusion.train"], "save_grid", out_of_memory)
+    monkeypatch.setattr(sys.modules["smol_diffusion.training"], "save_grid", out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
         smol_diffusion.train(tiny_cfg.override(checkpoint_every=0), progress=False)
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 20
@@ -211,7 +211,7 @@ def test_an_interrupt_returns_the_history_and_resume_goes_on_exactly(tiny_cfg, t
     cfg = tiny_cfg.override(steps=30, sample_every=0, sample_n=0, checkpoint_every=0,
                             log_every=5, lr_schedule="constant")
     straight = smol_diffusion.train(cfg.override(out_dir=str(tmp_path / "a")), progress=False)
-    train_module = sys.modules["smol_diffusion.train"]
+    train_module = sys.modules["smol_diffusion.training"]
     real_lr = train_module.lr_at
 
     def lr_then_interrupt(step, tc):
@@ -238,7 +238,7 @@ def test_an_interrupt_returns_the_history_and_resume_goes_on_exactly(tiny_cfg, t
 def test_a_second_ctrl_c_during_that_save_waits_for_it(tiny_cfg, tmp_path, monkeypatch):
     """Ctrl-C at step 7, and again in the middle of the checkpoint it writes: the save
     completes, and train returns."""
-    train_module = sys.modules["smol_diffusion.train"]
+    train_module = sys.modules["smol_diffusion.training"]
     real_lr, real_save = train_module.lr_at, train_module.save_checkpoint
 
     def lr_then_interrupt(step, tc):
@@ -266,12 +266,12 @@ def _train_args(out: Path, steps: int, **extra) -> list[str]:
     args = {"preset": "demo", "image_size": 8, "channels": 8, "channel_mults": "1,2",
             "steps": steps, "batch_size": 16, "warmup": 5, "log_every": 5, "sample_n": 0,
             "lr_schedule": "constant", "out_dir": str(out)} | extra
-    return [sys.executable, "-m", "smol_diffusion.train",
+    return [sys.executable, "-m", "smol_diffusion", "train",
             *[s for k, v in args.items() for s in (f"--{k}", str(v))]]
 
 
 def _resume_args(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "smol_diffusion.train", "--resume", str(out / "ckpt.pt"),
+    return [sys.executable, "-m", "smol_diffusion", "train", "--resume", str(out / "ckpt.pt"),
             *extra]
 
 
@@ -340,7 +340,8 @@ def test_torchrun_stops_every_process_at_one_step_on_sigterm(tmp_path):
     out, logs = tmp_path / "run", tmp_path / "log"
     args = _train_args(out, 100_000, checkpoint_every=0, log_every=3)
     p = _start([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", str(ROOT / "tests" / "ddp_worker.py"), *args[3:]], logs)
+                "--nproc_per_node=2", str(ROOT / "tests" / "ddp_worker.py"),
+                *args[args.index("train") + 1:]], logs)
     _wait_until(lambda: (out / ".lock").exists() and max(_steps_shown(logs), default=0) >= 4)
     p.send_signal(signal.SIGTERM)
     p.wait(timeout=120)

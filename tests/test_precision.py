@@ -11,7 +11,7 @@ import smol_diffusion
 from smol_diffusion.checkpoint import read_checkpoint
 from smol_diffusion.hardware import autocast_dtype, grad_scaler
 from smol_diffusion.runlog import read_log
-from smol_diffusion.train import TrainingDiverged
+from smol_diffusion.training import TrainingDiverged
 
 CUDA = torch.device("cuda", 0)
 # fp16 runs here on the CPU, where it is slow (and warns so): the tiny model takes seconds
@@ -60,7 +60,7 @@ def test_only_fp16_scales_the_loss():
 def overflow_at(monkeypatch, call: int) -> None:
     """Make the loss of the `call`-th training step 10^5 times larger: at a loss scale of 2^16
     its fp16 gradients overflow, as the first steps of an fp16 run often do."""
-    train_module = sys.modules["smol_diffusion.train"]
+    train_module = sys.modules["smol_diffusion.training"]
     real_loss, calls = train_module.simple_loss, []
 
     def loss(*args, **kwargs):

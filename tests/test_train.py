@@ -12,13 +12,14 @@ from smol_diffusion.checkpoint import read_checkpoint, save_checkpoint
 from smol_diffusion.config import Config
 from smol_diffusion.data import TensorImages
 from smol_diffusion.hardware import compile_model, pick_device
-from smol_diffusion.train import ema_decay_at, lr_at, parse_args
+from smol_diffusion.cli import parse_train as parse_args
+from smol_diffusion.training import ema_decay_at, lr_at
 
 
 def test_overfits_a_few_images(tiny_cfg, monkeypatch):
     """Four fixed images: the loss at low noise levels falls by a large factor."""
     images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8).repeat(64, 1, 1, 1)
-    monkeypatch.setattr(sys.modules["smol_diffusion.train"], "make_dataset",
+    monkeypatch.setattr(sys.modules["smol_diffusion.training"], "make_dataset",
                         lambda *a: TensorImages(images))
     cfg = tiny_cfg.override(steps=300, lr=3e-3, warmup=20, log_every=20, sample_every=0,
                             checkpoint_every=0, sample_n=0, ema_decay=0.99)

@@ -1,10 +1,6 @@
-"""The training loop, one flat function, and its command line:
-
-    python -m smol_diffusion.train --preset demo [--lr 1e-3 --steps 2000 ...]
-"""
+"""The training loop, one flat function (its command line: `smol-diffusion train`, cli.py)."""
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses
@@ -21,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .batches import DROPOUT, batch_indices, step_randomness, stream_seed, to_device
 from .checkpoint import (Checkpoint, check_out_dir, check_same_model, load_weights,
-                         read_checkpoint, save_checkpoint, stored_config)
-from .config import PRESETS, Config, all_fields, get_preset, parse_field
+                         read_checkpoint, save_checkpoint)
+from .config import Config
 from .data import make_dataset
 from .diffusion import simple_loss
 from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
@@ -360,63 +356,3 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts, log: RunLog) -> 
             dist.destroy_process_group()
     return history
 
-
-def parse_args(argv: list[str] | None = None) -> Config:
-    """A Config from `--preset NAME` plus `--field value` overrides of any config field.
-
-    With `--resume CKPT` the base is the checkpoint's own config instead, writing to the
-    checkpoint's folder: the run goes on as it was, changed only by the flags given."""
-    parser = argparse.ArgumentParser(prog="python -m smol_diffusion.train",
-                                     description="Train a DDPM (Ho et al. 2020).")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="default: demo; with --resume, the checkpoint's config")
-    for name, f in sorted(all_fields().items()):  # a bare bool flag (--compile) means true
-        parser.add_argument(f"--{name}", type=str, default=None, help=f"({f.type})",
-                            **{"nargs": "?", "const": "true"} if f.type == "bool" else {})
-    args = vars(parser.parse_args(argv))
-    preset, resume = args.pop("preset"), args["resume"]
-    if resume and resume.lower() != "none":
-        if preset:
-            raise ValueError("--resume goes on with the settings stored in the checkpoint; drop "
-                             "--preset (flags given beside --resume still change settings)")
-        stored = stored_config(read_checkpoint(resume), resume)
-        cfg = stored.override(out_dir=str(Path(resume).parent))
-    else:
-        cfg = get_preset(preset or "demo")
-    changes = {}
-    for name, text in args.items():
-        if text is not None:
-            try:
-                changes[name] = parse_field(name, text)
-            except ValueError as e:  # it starts with the field and the text: "steps 'many' is"
-                raise SystemExit(f"error: --{e}") from None
-    return cfg.override(**changes)  # out of range: a ValueError naming the field
-
-
-def _error_text(e: Exception) -> str:
-    """An error's text for a person: an OSError we raised with errno and a message, without
-    its "[Errno 28]"; a system's own (it names the file) as it is."""
-    if isinstance(e, OSError) and e.strerror and e.filename is None:
-        return e.strerror
-    return str(e)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Command-line entry point."""
-    t0 = time.time()
-    try:
-        cfg = parse_args(argv)
-        history = train(cfg)
-    except (ValueError, OSError, TrainingDiverged) as e:  # the message says how to fix it
-        raise SystemExit(f"error: {_error_text(e)}") from None
-    except KeyboardInterrupt:  # before training began: nothing to keep
-        raise SystemExit(130) from None
-    if not history["step"] or history["step"][-1] < cfg.train.steps:  # interrupted, and saved
-        raise SystemExit(130)
-    if distributed_env()[0] == 0:
-        print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f}s, final loss "
-              f"{history['loss'][-1]:.4f}; checkpoint and samples in {cfg.train.out_dir}/")
-
-
-if __name__ == "__main__":
-    main()

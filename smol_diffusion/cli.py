@@ -1,0 +1,305 @@
+"""The command line, one for everything:
+
+    smol-diffusion train --preset demo [--lr 1e-3 --steps 2000 ...]
+    smol-diffusion sample --checkpoint checkpoints/demo/ckpt.pt --n 64 --out grid.png
+    smol-diffusion evaluate --checkpoint checkpoints/demo/ckpt.pt --n 500
+    smol-diffusion export --checkpoint checkpoints/demo/ckpt.pt --out exported/demo
+
+`python -m smol_diffusion ...` is the same, and so is `torchrun ... -m smol_diffusion train ...`.
+Each command checks its input and ends with "error: ..." saying how to fix it, not a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, read_checkpoint, stored_config
+from .config import PRESETS, Config, all_fields, get_preset, parse_field
+from .evaluate import (METRICS, SAMPLE_METRICS, default_metrics, evaluate, format_table,
+                       get_extractor)
+from .export import export_weights
+from .files import shown
+from .hardware import PRECISIONS, distributed_env
+from .samplers import SAMPLERS
+from .schedule import SPACINGS
+from .training import TrainingDiverged, train
+from .viz import save_grid
+
+PROG = "smol-diffusion"
+METAVARS = {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT", "tuple[int, ...]": "N,N"}
+
+
+def field_comments() -> dict[str, str]:
+    """Each config field's comment in config.py (continuation lines included), by name: the
+    one place a default is explained, shown by `train --help`."""
+    from . import config
+
+    comments, name = {}, None
+    for section in (config.ModelConfig, config.DiffusionConfig, config.DataConfig,
+                    config.TrainConfig):
+        for line in inspect.getsource(section).splitlines():
+            field = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
+            more = re.match(r"\s+#\s+(.*)$", line)
+            if field:
+                name = field.group(1)
+                comments[name] = field.group(2)
+            elif more and name:
+                comments[name] += " " + more.group(1)
+            else:
+                name = None
+    return comments
+
+
+def _train_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="the settings to start from (default: demo; with --resume, the "
+                             "checkpoint's); the defaults below are the fields' own, which a "
+                             "preset changes in part (config.py, PRESETS)")
+    comments = field_comments()
+    for name, f in sorted(all_fields().items()):  # a bare bool flag (--compile) means true
+        text = f"{comments.get(name, '')} (default {f.default!r})"
+        kind = f.type.partition(" | ")[0]
+        parser.add_argument(f"--{name}", type=str, default=None, metavar=METAVARS[kind],
+                            help=text.replace("%", "%%"),
+                            **{"nargs": "?", "const": "true"} if f.type == "bool" else {})
+
+
+def train_config(args: argparse.Namespace) -> Config:
+    """A Config from `--preset NAME` plus `--field value` overrides of any config field.
+
+    With `--resume CKPT` the base is the checkpoint's own config instead, writing to the
+    checkpoint's folder: the run goes on as it was, changed only by the flags given."""
+    fields = {name: getattr(args, name) for name in all_fields()}
+    preset, resume = args.preset, fields["resume"]
+    if resume and resume.lower() != "none":
+        if preset:
+            raise ValueError("--resume goes on with the settings stored in the checkpoint; drop "
+                             "--preset (flags given beside --resume still change settings)")
+        stored = stored_config(read_checkpoint(resume), resume)
+        cfg = stored.override(out_dir=str(Path(resume).parent))
+    else:
+        cfg = get_preset(preset or "demo")
+    changes = {}
+    for name, text in fields.items():
+        if text is not None:
+            try:
+                changes[name] = parse_field(name, text)
+            except ValueError as e:  # it starts with the field and the text: "steps 'many' is"
+                raise SystemExit(f"error: --{e}") from None
+    return cfg.override(**changes)  # out of range: a ValueError naming the field
+
+
+def parse_train(argv: list[str]) -> Config:
+    """The Config that `smol-diffusion train ARGV` trains (see `train_config`)."""
+    return train_config(_parser().parse_args(["train", *argv]))
+
+
+def _error_text(e: Exception) -> str:
+    """An error's text for a person: an OSError we raised with errno and a message, without
+    its "[Errno 28]"; a system's own (it names the file) as it is."""
+    if isinstance(e, OSError) and e.strerror and e.filename is None:
+        return e.strerror
+    return str(e)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    """Train; exit 130 when interrupted (a checkpoint was written at the step reached)."""
+    t0 = time.time()
+    try:
+        cfg = train_config(args)
+        history = train(cfg)
+    except (ValueError, OSError, TrainingDiverged) as e:  # the message says how to fix it
+        raise SystemExit(f"error: {_error_text(e)}") from None
+    except KeyboardInterrupt:  # before training began: nothing to keep
+        raise SystemExit(130) from None
+    if not history["step"] or history["step"][-1] < cfg.train.steps:  # interrupted, and saved
+        raise SystemExit(130)
+    if distributed_env()[0] == 0:
+        print(f"done: {cfg.train.steps} steps in {time.time() - t0:.0f}s, final loss "
+              f"{history['loss'][-1]:.4f}; checkpoint and samples in {cfg.train.out_dir}/")
+
+
+def _sampling_options(parser: argparse.ArgumentParser, n: int, n_help: str,
+                      batch: int) -> None:
+    """The options sample and evaluate share: the checkpoint, how many images, how to draw."""
+    parser.add_argument("--checkpoint", required=True,
+                        help="a ckpt.pt written by training, or an export's folder")
+    parser.add_argument("--n", type=int, default=n, help=n_help)
+    parser.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                        help="default: the checkpoint's")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="network calls per image, a respacing of the training schedule "
+                             "(default: the checkpoint's sample_steps)")
+    parser.add_argument("--spacing", default=None, choices=SPACINGS,
+                        help="default: the checkpoint's")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch", type=int, default=batch, help="images per network call")
+    parser.add_argument("--device", default="auto")
+
+
+def _sample_parser(parser: argparse.ArgumentParser) -> None:
+    _sampling_options(parser, 64, "number of images", batch=256)
+    parser.add_argument("--out", default="samples.png", help="PNG file for the grid")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's noise (0: deterministic)")
+    parser.add_argument("--labels", default=None,
+                        help="conditional models: class indices or names, comma-separated, "
+                             "repeated over the n images (--labels 7: all sevens)")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale (0: unconditional, 1: conditional)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="autocast precision (default: the checkpoint's, as in training)")
+
+
+def parse_labels(text: str, classes: list[str] | None, n: int) -> torch.Tensor:
+    """n labels from "7" or "0,1,2" or class names ("BMW M3 Coupe 2012"), repeated in turn."""
+    if not classes:
+        raise ValueError("--labels needs a class-conditional checkpoint (trained with "
+                         "num_classes > 0); this one is unconditional")
+    index = {name.lower(): i for i, name in enumerate(classes)}
+    wanted = []
+    for token in (t.strip() for t in text.split(",") if t.strip()):
+        if token.lower() in index:
+            wanted.append(index[token.lower()])
+        elif token.lstrip("-").isdigit():
+            wanted.append(int(token))
+        else:
+            raise ValueError(f"no class named {token!r}; classes are indices 0..{len(classes) - 1}"
+                             f" or names such as {', '.join(classes[:3])}")
+    return torch.tensor(wanted).repeat(n // len(wanted) + 1)[:n]
+
+
+def run_sample(args: argparse.Namespace) -> None:
+    """Sample a grid of images from a checkpoint into a PNG file."""
+    if args.n < 1 or args.batch < 1:
+        raise SystemExit("error: --n and --batch must be at least 1")
+    try:
+        ckpt = load_checkpoint(args.checkpoint, device=args.device)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
+        raise SystemExit(f"error: {e}") from None
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    options = {k: v for k, v in [("sampler", args.sampler), ("spacing", args.spacing),
+                                 ("eta", args.eta), ("precision", args.precision)] if v}
+    if args.guidance != 1.0:
+        options["guidance"] = args.guidance
+    try:
+        labels = parse_labels(args.labels, ckpt.classes, args.n) if args.labels else None
+        images = torch.cat([ckpt.sample(min(args.batch, args.n - i), generator=gen,
+                                        steps=args.steps, progress=True, **options,
+                                        **({} if labels is None else
+                                           {"labels": labels[i:i + args.batch]}))
+                            for i in range(0, args.n, args.batch)])
+    except ValueError as e:  # e.g. eta with a sampler other than DDIM
+        raise SystemExit(f"error: {e}") from None
+    path = save_grid(images, args.out)
+    d = ckpt.config.diffusion
+    steps = d.sample_steps if args.steps is None else args.steps
+    print(f"{args.n} images, {args.sampler or d.sampler}, {steps} steps, "
+          f"{time.time() - t0:.1f}s -> {path}")
+
+
+def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
+    _sampling_options(parser, 500, "samples for fid/kid/recognisable", batch=250)
+    parser.add_argument("--metrics", default=None,
+                        help=f"comma-separated, from {','.join(METRICS)} (default: all that "
+                             "apply; recognisable needs the digits extractor)")
+    parser.add_argument("--extractor", choices=["digits", "inception"], default=None,
+                        help="default: digits for the embedded digits, else inception")
+    parser.add_argument("--inception-weights", default=None,
+                        help="path of the FID Inception weights (default: torch hub's cache)")
+    parser.add_argument("--bpd-n", type=int, default=500, help="held-out images for bits/dim")
+    parser.add_argument("--real", action="store_true",
+                        help="score n real training images instead of samples (the floor)")
+    parser.add_argument("--guidance", default=None,
+                        help="conditional models: comma-separated guidance scales, e.g. 1,2,4; "
+                             "each class is asked for in turn, and class_match scored")
+    parser.add_argument("--cache-dir", default="data/cache")
+    parser.add_argument("--out", default=None,
+                        help="JSON file for the results (default: eval.json beside the checkpoint)")
+
+
+def run_evaluate(args: argparse.Namespace) -> None:
+    """FID, KID, recognisability and bits/dim of a checkpoint: a table, and a JSON file."""
+    if args.bpd_n < 1:
+        raise SystemExit(f"error: --bpd-n, the held-out images for bits/dim, must be at least 1; "
+                         f"got {args.bpd_n}")
+    try:
+        ckpt = load_checkpoint(args.checkpoint, device=args.device)
+        metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
+        scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
+        extractor = args.extractor
+        if len(scales) > 1 and ckpt.config.model.num_classes \
+                and set(metrics or SAMPLE_METRICS) & set(SAMPLE_METRICS):
+            # one extractor for every scale: loading or training it takes seconds
+            extractor = get_extractor(args.extractor, ckpt.config, args.cache_dir,
+                                      args.inception_weights, next(ckpt.model.parameters()).device)
+        rows = []
+        for j, g in enumerate(scales):  # bits/dim does not depend on the guidance: once
+            wanted = metrics or default_metrics(ckpt.config, extractor, g)
+            wanted = tuple(m for m in wanted if m != "bpd" or j == 0)
+            if not wanted:  # only bits/dim was asked for, and it is done
+                break
+            rows += evaluate(
+                ckpt, args.n, metrics=wanted,
+                extractor=extractor, sampler=args.sampler, steps=args.steps,
+                spacing=args.spacing, real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
+                seed=args.seed, cache_dir=args.cache_dir,
+                inception_weights=args.inception_weights, guidance=g, progress=True)
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
+        raise SystemExit(f"error: {e}") from None
+    print(format_table(rows))
+    out = Path(args.out or Path(args.checkpoint).with_name("eval.json"))
+    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": ckpt.step,
+                               "results": rows}, indent=1) + "\n")
+    print(f"-> {out}")
+
+
+def _export_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="a ckpt.pt written by training")
+    parser.add_argument("--out", required=True, help="the folder to write the export to")
+    parser.add_argument("--diffusers", action="store_true",
+                        help="also write a diffusers DDPMPipeline (model_index.json, unet/, "
+                             "scheduler/) into the folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing export")
+
+
+def run_export(args: argparse.Namespace) -> None:
+    """Write a checkpoint's EMA weights as safetensors (and a diffusers pipeline)."""
+    out = Path(args.out)
+    try:
+        ckpt = load_checkpoint(args.checkpoint, device="cpu")
+        export_weights(ckpt, out, diffusers=args.diffusers, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # the message says how to fix it
+        raise SystemExit(f"error: {_error_text(e)}") from None
+    what = " and a diffusers DDPMPipeline" if args.diffusers else ""
+    print(f"exported the EMA weights of step {ckpt.step}{what} to {shown(out)}/")
+
+
+COMMANDS = {
+    "train": (_train_parser, run_train, "train a DDPM (Ho et al. 2020)"),
+    "sample": (_sample_parser, run_sample, "sample a grid of images from a checkpoint"),
+    "evaluate": (_evaluate_parser, run_evaluate, "FID, KID, recognisability and bits/dim"),
+    "export": (_export_parser, run_export, "a checkpoint's EMA weights as safetensors, "
+                                           "loadable without pickle"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="A small, readable DDPM: train, "
+                                     "sample, evaluate and export. COMMAND --help for each.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (build, _, text) in COMMANDS.items():
+        build(commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + "."))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The entry point of `smol-diffusion` and `python -m smol_diffusion`."""
+    args = _parser().parse_args(argv)
+    COMMANDS[args.command][1](args)
