@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, read_checkpoint, stored_config
-from .config import PRESETS, Config, all_fields, get_preset, parse_field
+from .config import (PRESETS, Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig,
+                     all_fields, get_preset, parse_field)
 from .evaluate import (METRICS, SAMPLE_METRICS, default_metrics, evaluate, format_table,
                        get_extractor)
 from .export import export_weights
@@ -38,11 +39,8 @@ METAVARS = {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT", "tuple[int,
 def field_comments() -> dict[str, str]:
     """Each config field's comment in config.py (continuation lines included), by name: the
     one place a default is explained, shown by `train --help`."""
-    from . import config
-
     comments, name = {}, None
-    for section in (config.ModelConfig, config.DiffusionConfig, config.DataConfig,
-                    config.TrainConfig):
+    for section in (ModelConfig, DiffusionConfig, DataConfig, TrainConfig):
         for line in inspect.getsource(section).splitlines():
             field = re.match(r"\s+(\w+): [^=]+=.*?  # (.*)$", line)
             more = re.match(r"\s+#\s+(.*)$", line)

@@ -44,8 +44,11 @@ class RunLog:
         if not enabled:
             return
         self.file = open(self.path, "a", encoding="utf-8")  # the folder was checked writable
-        if self.file.tell() and not self.path.read_bytes().endswith(b"\n"):
-            self.file.write("\n")  # end the line a killed run was writing
+        if self.file.tell():
+            with open(self.path, "rb") as f:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    self.file.write("\n")  # end the line a killed run was writing
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
 
