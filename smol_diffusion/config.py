@@ -317,11 +317,11 @@ def overrides_from(value: dict | str | None) -> dict:
 
 PRESETS: dict[str, Config] = {
     # The embedded 5,000 MNIST digits on a 2-core CPU, sampling included, in under 5 minutes.
-    # Measured there (recognisable digits, see the README): 16x16 fits the budget (28x28 trains 4x
-    # slower per image); the cosine schedule and Min-SNR-5 weighting each made clearly more
-    # samples recognisable than the linear schedule and L_simple; and within the budget a
-    # narrow UNet taking many steps beat a wider one taking fewer (16 channels, 2,000 steps:
-    # 81% confident; 32 channels, 1,000 steps: 79%).
+    # Measured there (recognisable digits, see docs/presets.md): 16x16 fits the budget (28x28 trains
+    # 4x slower per image); the cosine schedule and Min-SNR-5 weighting each made clearly more
+    # samples recognisable than the linear schedule and L_simple; and within the budget a narrow
+    # UNet taking many steps beat a wider one taking fewer (16 channels, 2,000 steps: 81% confident;
+    # 32 channels, 1,000 steps: 79%).
     "demo": Config(
         model=ModelConfig(image_size=16, in_channels=1, channels=16, channel_mults=(1, 2, 2),
                           num_res_blocks=1, attn_resolutions=(), heads=4, dropout=0.0),
