@@ -12,10 +12,10 @@
 #    the ops behind copies): what stands between its MFU and the peak.
 # On a fresh machine each torch.compile of cars64 takes one to two minutes (the e2e run's, and
 # batch 256's in step 2); the profile reuses step 2's compiled code from inductor's cache.
-# The log is kept under benchmarks/.
+# The log (and its JSON) is kept under benchmarks/results/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-log=${1:-benchmarks/gpu_check_$(date +%Y-%m-%d).log}
+log=${1:-benchmarks/results/gpu_check_$(date +%Y-%m-%d).log}
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   PYTHONUNBUFFERED=1 timeout 230 python3 benchmarks/gpu_check.py

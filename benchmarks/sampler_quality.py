@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--spacing-nfe", type=int, default=10,
                         help="NFE at which every spacing is compared (0: skip)")
     parser.add_argument("--cache-dir", default="data/cache")
-    parser.add_argument("--out", default="benchmarks/sampler_quality.json")
+    parser.add_argument("--out", default="benchmarks/results/sampler_quality.json")
     parser.add_argument("--plot", default="assets/sampler_quality.png")
     args = parser.parse_args()
     ckpt = load_checkpoint(args.checkpoint, device="cpu")
