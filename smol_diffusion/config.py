@@ -186,7 +186,8 @@ class TrainConfig:
     label_dropout: float = 0.1  # conditional models: share of labels dropped (Ho & Salimans)
     precision: str = "auto"  # "bf16", "fp16" (loss-scaled) or "fp32"; "auto": autocast_dtype
     compile: bool = False  # torch.compile the network (falls back to eager, with a warning)
-    channels_last: bool = False  # channels_last memory format (cars64 eager bf16, H100: 0.76x)
+    channels_last: bool = False  # channels_last memory format: faster where the convolutions
+    #                              have channels_last kernels; measure it (docs/speed.md)
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device string
     seed: int = 0  # seeds the weights, the data order and the noise
     log_every: int = 100  # steps between loss readings (each one synchronises the device)
@@ -316,18 +317,14 @@ def overrides_from(value: dict | str | None) -> dict:
 
 
 PRESETS: dict[str, Config] = {
-    # The embedded 5,000 MNIST digits on a 2-core CPU, sampling included, in under 5 minutes.
-    # Measured there (recognisable digits, see docs/presets.md): 16x16 fits the budget (28x28 trains
-    # 4x slower per image); the cosine schedule and Min-SNR-5 weighting each made clearly more
-    # samples recognisable than the linear schedule and L_simple; and within the budget a narrow
-    # UNet taking many steps beat a wider one taking fewer (16 channels, 2,000 steps: 81% confident;
-    # 32 channels, 1,000 steps: 79%).
+    # The embedded digits on a 2-core CPU, sampling included, in under 5 minutes: a narrow UNet
+    # taking many steps, with the budget put on the noisy timesteps that decide a digit's shape
+    # (cosine schedule, Min-SNR weighting). How it was chosen: docs/presets.md.
     "demo": Config(
         model=ModelConfig(image_size=16, in_channels=1, channels=16, channel_mults=(1, 2, 2),
                           num_res_blocks=1, attn_resolutions=(), heads=4, dropout=0.0),
         diffusion=DiffusionConfig(T=1000, schedule="cosine", min_snr_gamma=5.0),
         data=DataConfig(dataset="mnist", split="train"),
-        # channels_last: 1.04x img/s on that CPU (789 vs 759, medians of 3 interleaved runs)
         train=TrainConfig(steps=2200, batch_size=64, lr=2e-3, warmup=100,
                           lr_schedule="cosine", ema_decay=0.999, log_every=25,
                           sample_every=0, checkpoint_every=0, out_dir="checkpoints/demo",
@@ -340,9 +337,8 @@ PRESETS: dict[str, Config] = {
                           num_res_blocks=2, attn_resolutions=(16, 8), heads=4, dropout=0.1),
         diffusion=DiffusionConfig(T=1000, schedule="linear"),
         data=DataConfig(dataset="cars", root="data", hflip=True),
-        # compile: 1.46x img/s over eager bf16 on an H100 (1,236 vs 845 at batch 64, before
-        # compile_model forced channels_last convolutions: 1.19x more at batch 256); the first
-        # step takes one to two minutes to compile
+        # compile: fuses the GroupNorm / SiLU / residual chains that eager mode runs one
+        # memory-bound kernel each (docs/speed.md); its first step compiles for a minute or two
         train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, warmup=5000, ema_decay=0.9999,
                           compile=True, out_dir="checkpoints/cars64"),
     ),

@@ -47,9 +47,8 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     `torch.cuda.is_bf16_supported()`: by default that answers True wherever a bf16 tensor can
     be made, emulated included, so a T4 would get bf16 without bf16 hardware. ROCm GPUs get
     bf16 (AMD's Instinct GPUs have it). On CPUs "auto" is bf16 only where oneDNN has native
-    bf16 kernels (AVX512-BF16 or AMX); elsewhere PyTorch falls back to slow reference kernels
-    (a bf16 training step of the demo UNet ran 10x slower than fp32 on a 2-core AVX2 machine).
-    fp32 on MPS.
+    bf16 kernels (AVX512-BF16 or AMX); elsewhere PyTorch falls back to reference kernels many
+    times slower than fp32 (docs/speed.md). fp32 on MPS.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -94,9 +93,8 @@ def compile_model(model: torch.nn.Module, enabled: bool, device: torch.device) -
     On CUDA this asks inductor to lay out the convolutions of every compiled graph
     channels_last. By itself it does so only in graphs holding forward convolutions, so the
     backward graph ran its convolutions NCHW on the forward's channels_last activations
-    (pytorch/pytorch#189239). Forced, cars64 trained 1.19x faster on an NVIDIA H100 (bf16,
-    batch 256: 1,888 vs 1,582 img/s, one run each, set through TORCHINDUCTOR_FORCE_LAYOUT_OPT;
-    other batches, fp32 and other models not measured); on ROCm inductor keeps it off.
+    (pytorch/pytorch#189239), converting layouts at every one; forcing it removes those copies
+    (measured in docs/speed.md). On ROCm inductor keeps it off.
     """
     if not enabled:
         return model
