@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .config import Config, DiffusionConfig, ModelConfig, TrainConfig
-from .files import no_space, ran_out_of_space, remove_stale, shown
+from .files import shown, write_temp
 from .hardware import pick_device
 from .samplers import sample
 from .schedule import NoiseSchedule
@@ -30,23 +29,13 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
     """
     path = Path(path)
     check_finite(state, path, "refusing to write")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale(path.parent, f".{path.name}.*.tmp")
-    # a new file made as open() makes one (the umask applies; mkstemp's would be owner-only)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    # pickle's share on top of the weights' bytes, for the out-of-space message
+    tmp = write_temp(path, lambda f: torch.save(state, f), "checkpoint",
+                     lambda: sum(t.nbytes for t in _tensors(state)) + 2**20)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as e:
+    finally:
         tmp.unlink(missing_ok=True)
-        if ran_out_of_space(e):  # about the weights' size, plus pickle's share
-            needed = sum(t.nbytes for t in _tensors(state)) + 2**20
-            raise no_space(path, needed, "checkpoint") from e
-        raise
 
 
 def _tensors(obj):

@@ -15,7 +15,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import secrets
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 
 from .checkpoint import Checkpoint, check_finite, load_checkpoint, stored_config
-from .files import no_space, ran_out_of_space, remove_stale, shown
+from .files import shown, write_temp
 from .unet import Attention, ResBlock, UNet
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
@@ -291,22 +290,10 @@ def _write(files: dict[Path, bytes], overwrite: bool) -> None:
     temps = {}
     try:
         for path, data in files.items():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            remove_stale(path.parent, f".{path.name}.*.tmp")  # left by a killed export
-            tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-            temps[path] = tmp
-            try:
-                with open(tmp, "xb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-            except OSError as e:
-                if ran_out_of_space(e):
-                    raise no_space(path, len(data), "export") from e
-                raise
+            temps[path] = write_temp(path, lambda f, data=data: f.write(data), "export",
+                                     lambda data=data: len(data))
         for path, tmp in temps.items():
             os.replace(tmp, path)
     finally:
         for tmp in temps.values():
             tmp.unlink(missing_ok=True)
-

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import socket
 import warnings
 from collections.abc import Callable, Iterator
+from typing import BinaryIO
 from pathlib import Path
 
 try:
@@ -65,6 +67,29 @@ def remove_stale(folder: Path, pattern: str,
     for p in folder.glob(pattern):
         if not alive(p):
             p.unlink(missing_ok=True)
+
+
+def write_temp(path: Path, write: Callable[[BinaryIO], object], what: str,
+               size: Callable[[], int]) -> Path:
+    """A temporary file beside `path` holding what `write(file)` wrote, flushed to the disk,
+    for the caller to rename onto `path` (`os.replace` is atomic, so a crash leaves the old
+    file or the new one, never half of one). Temporary files that killed writers left beside
+    `path` are removed first; a full disk is said as such (`no_space`: about `size()` bytes
+    of `what` needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(path.parent, f".{path.name}.*.tmp")
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # as open() makes files: the umask applies (not mkstemp's)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if ran_out_of_space(e):
+            raise no_space(path, size(), what) from e
+        raise
+    return tmp
 
 
 def pid_alive(pid: int) -> bool:
