@@ -205,6 +205,18 @@ class TrainConfig:
         if self.eval_every and self.eval_n < 2:
             raise ValueError(f"eval_n must be an integer >= 2 when eval_every > 0; got "
                              f"{self.eval_n}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} does not split into "
+                             f"{self.grad_accum} accumulation steps; make it a multiple of "
+                             f"{self.grad_accum}")
+
+    def per_process(self, world: int) -> tuple[int, int]:
+        """(images per process in a step, images per micro-batch) for `world` processes."""
+        if self.batch_size % (world * self.grad_accum):
+            raise ValueError(f"batch_size {self.batch_size} does not split into {world} "
+                             f"processes x {self.grad_accum} accumulation steps; make it a "
+                             f"multiple of {world * self.grad_accum}")
+        return self.batch_size // world, self.batch_size // world // self.grad_accum
 
 
 @dataclass
@@ -229,6 +241,20 @@ class Config:
         # one replace a section, so fields checked together (T, sample_steps) change together
         return Config(**{k: dataclasses.replace(getattr(self, k), **v)
                          for k, v in by_section.items()})
+
+    def check_dataset(self, n_images: int, classes: list[str] | None) -> None:
+        """Check the settings that depend on the dataset: one batch fits in it, and a
+        class-conditional model has as many classes as it (`classes`: None without labels)."""
+        if n_images < self.train.batch_size:
+            raise ValueError(f"the dataset has {n_images} images, fewer than one batch of "
+                             f"{self.train.batch_size}; lower batch_size")
+        n = self.model.num_classes
+        if n and (classes is None or len(classes) != n):
+            found = "no labels" if classes is None else f"{len(classes)} classes"
+            raise ValueError(f"num_classes={n}, but the dataset has {found}; set num_classes "
+                             f"to {0 if classes is None else len(classes)}"
+                             + (" (0: unconditional)" if classes is not None else
+                                " or use a dataset with labels (see data/README.md)"))
 
     @classmethod
     def from_dict(cls, d: dict) -> Config:

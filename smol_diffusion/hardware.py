@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import warnings
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # see autocast_dtype
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}  # autocast's dtype
+PRECISIONS = ("auto", *DTYPES)  # see resolve_precision
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -37,9 +40,9 @@ def distributed_env() -> tuple[int, int, int]:
             int(os.environ.get("LOCAL_RANK", 0)))
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype that `precision` ("auto", "bf16", "fp16" or "fp32") means on `device`:
-    torch.bfloat16, torch.float16, or None for fp32.
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """What `precision` ("auto", "bf16", "fp16" or "fp32") means on `device`: "bf16", "fp16"
+    or "fp32" (`DTYPES` gives each one's autocast dtype).
 
     "auto" is bf16 on CUDA GPUs with native bf16 (compute capability >= 8.0: A100, RTX 30xx
     and later, H100) and fp16 on older ones (T4, V100, P100), whose tensor cores, where they
@@ -48,20 +51,30 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     be made, emulated included, so a T4 would get bf16 without bf16 hardware. ROCm GPUs get
     bf16 (AMD's Instinct GPUs have it). On CPUs "auto" is bf16 only where oneDNN has native
     bf16 kernels (AVX512-BF16 or AMX); elsewhere PyTorch falls back to reference kernels many
-    times slower than fp32 (docs/speed.md). fp32 on MPS.
+    times slower than fp32 (docs/speed.md). fp32 on MPS. An explicit fp16 on a CPU warns: it
+    runs the slow reference kernels everywhere.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "fp16" and device.type == "cpu":
+        warnings.warn("fp16 on a CPU runs PyTorch's slow reference kernels (tens of times slower "
+                      "than fp32): it is for older GPUs; use precision 'auto' or 'fp32' here",
+                      stacklevel=3)
     if precision != "auto":
-        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+        return precision
     if device.type == "cuda":
         if torch.version.hip:
-            return torch.bfloat16
-        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) \
-            else torch.float16
+            return "bf16"
+        return "bf16" if torch.cuda.get_device_capability(device) >= (8, 0) else "fp16"
     if device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    return None
+        return "bf16"
+    return "fp32"
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `precision` means on `device` (`resolve_precision`): torch.bfloat16,
+    torch.float16, or None for fp32."""
+    return DTYPES[resolve_precision(precision, device)]
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -69,6 +82,26 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def setup_device(name: str, world: int, local_rank: int) -> tuple[torch.device, bool]:
+    """The device this process trains on (`pick_device(name)`; under torchrun on CUDA, the
+    GPU of its local rank), with TF32 and cuDNN autotuning on for CUDA; and whether this call
+    started the process group (NCCL on CUDA, gloo elsewhere), so the caller ends it."""
+    device, own_group = pick_device(name), False
+    if world > 1:
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        own_group = not dist.is_initialized()
+        if own_group:  # generous: the others wait while rank 0 builds the cache or evaluates
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=60))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # the shapes repeat: time cuDNN's algorithms once
+    return device, own_group
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:

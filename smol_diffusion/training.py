@@ -4,10 +4,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import datetime
 import math
 import time
-import warnings
 from pathlib import Path
 
 import torch
@@ -23,8 +21,8 @@ from .data import make_dataset
 from .diffusion import simple_loss
 from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
 from .files import lock_folder, shown
-from .hardware import (autocast, autocast_dtype, compile_model, distributed_env, grad_scaler,
-                       pick_device)
+from .hardware import (DTYPES, autocast, compile_model, distributed_env, grad_scaler,
+                       resolve_precision, setup_device)
 from .interrupts import Interrupts
 from .runlog import RunLog
 from .schedule import NoiseSchedule
@@ -56,7 +54,7 @@ def train(cfg: Config, progress: bool = True) -> dict:
     sample grid from the EMA model to `out_dir/samples_<step>.png` every `sample_every` steps
     and at the end (shown inline in a notebook); appends each loss reading and evaluation to
     `out_dir/log.jsonl` (and TensorBoard, where installed: `runlog`). Resumes from
-    `cfg.train.resume` if set. Autocasts to the `precision` that `autocast_dtype` resolves; in
+    `cfg.train.resume` if set. Autocasts to the `precision` that `resolve_precision` picks; in
     fp16 the loss is scaled (`grad_scaler`), and the scale is saved with the checkpoint.
 
     A run owns its folder: a new run into one that holds a checkpoint is refused unless
@@ -93,45 +91,17 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts, log: RunLog) -> 
     rank, world, local_rank = distributed_env()
     out_dir = Path(tc.out_dir)
     ours = out_dir / "ckpt.pt"
-    if tc.batch_size % (world * tc.grad_accum):
-        raise ValueError(f"batch_size {tc.batch_size} does not split into {world} processes x "
-                         f"{tc.grad_accum} accumulation steps; make it a multiple of "
-                         f"{world * tc.grad_accum}")
-    local, micro = tc.batch_size // world, tc.batch_size // world // tc.grad_accum
-    device = pick_device(tc.device)
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        own_group = not dist.is_initialized()
-        if own_group:  # the others wait while rank 0 builds the cache, samples or evaluates
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=60))
-    amp = autocast_dtype(tc.precision, device)  # bf16, fp16 or None (fp32)
-    if amp == torch.float16 and device.type == "cpu":
-        warnings.warn("fp16 on a CPU runs PyTorch's slow reference kernels (tens of times slower "
-                      "than fp32 for the demo): it is for older GPUs; use precision "
-                      "'auto' or 'fp32' here", stacklevel=3)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # the shapes repeat: time cuDNN's algorithms once
-
+    local, micro = tc.per_process(world)  # images per process, per micro-batch
+    device, own_group = setup_device(tc.device, world, local_rank)
+    precision = resolve_precision(tc.precision, device)
+    amp = DTYPES[precision]  # autocast's dtype: bf16, fp16 or None (fp32)
     if rank > 0:
         dist.barrier()  # rank 0 builds the image cache first
     dataset = make_dataset(cfg.data, mc.image_size, mc.in_channels, progress and rank == 0)
     if rank == 0 and world > 1:
         dist.barrier()
     images, labels = dataset.images, dataset.labels
-    if len(images) < tc.batch_size:
-        raise ValueError(f"the dataset has {len(images)} images, fewer than one batch of "
-                         f"{tc.batch_size}; lower batch_size")
-    if mc.num_classes and (labels is None or len(dataset.classes) != mc.num_classes):
-        found = "no labels" if labels is None else f"{len(dataset.classes)} classes"
-        raise ValueError(f"num_classes={mc.num_classes}, but the dataset has {found}; set "
-                         f"num_classes to {0 if labels is None else len(dataset.classes)}"
-                         + (" (0: unconditional)" if labels is not None else
-                            " or use a dataset with labels (see data/README.md)"))
+    cfg.check_dataset(len(images), dataset.classes)
     steps_per_epoch = len(images) // tc.batch_size
     schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T,
                                        cfg.diffusion.zero_terminal_snr)
@@ -227,7 +197,6 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts, log: RunLog) -> 
         sums.zero_()
         n_sum, t_last, step_last = 0, now, step
 
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[amp]
     log.write("start", step, resume=tc.resume, precision=precision, device=str(device),
               processes=world, config=dataclasses.asdict(cfg))
     model.train()

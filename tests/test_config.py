@@ -113,6 +113,22 @@ def test_the_edges_of_each_range_are_accepted():
     assert cfg.train.grad_clip == math.inf and cfg.model.image_size == 8
 
 
+def test_settings_that_need_the_run_are_checked_against_it():
+    tc = TrainConfig(batch_size=12, grad_accum=2)
+    assert tc.per_process(1) == (12, 6) and tc.per_process(2) == (6, 3)
+    with pytest.raises(ValueError, match=re.escape("batch_size 12 does not split into 4 "
+                                                   "processes x 2 accumulation steps; make it "
+                                                   "a multiple of 8")):
+        tc.per_process(4)
+    cfg = Config().override(batch_size=64, num_classes=10)
+    cfg.check_dataset(64, [str(d) for d in range(10)])
+    with pytest.raises(ValueError, match="the dataset has 63 images, fewer than one batch of 64"):
+        cfg.check_dataset(63, [str(d) for d in range(10)])
+    with pytest.raises(ValueError, match="num_classes=10, but the dataset has no labels; set "
+                                         "num_classes to 0 or use a dataset with labels"):
+        cfg.check_dataset(100, None)
+
+
 def test_text_is_read_as_the_fields_type():
     """As YAML (`1e-4` is text there) and papermill give values: override reads them."""
     cfg = Config().override(lr="1e-4", steps="10", warmup="1e3", grad_clip="inf", compile="true",

@@ -71,7 +71,7 @@ def test_resume_a_two_process_checkpoint_in_one_process(one_process, tmp_path):
 
 
 def test_bad_training_settings_are_refused(tiny_cfg):
-    with pytest.raises(ValueError, match="batch_size 16 does not split into 1 processes x 3"):
+    with pytest.raises(ValueError, match="batch_size 16 does not split into 3 accumulation steps"):
         smol_diffusion.train(tiny_cfg.override(grad_accum=3), progress=False)
     with pytest.raises(ValueError, match="grad_accum must be an integer >= 1"):
         smol_diffusion.train(tiny_cfg.override(grad_accum=0), progress=False)
