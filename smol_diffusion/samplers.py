@@ -12,7 +12,6 @@ last timestep means alpha = 1, sigma = 0.
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Callable
 
 import torch
@@ -104,59 +103,106 @@ def sample_ddim(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
 
 
 @torch.no_grad()
-def sample_dpmpp(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
-                 timesteps: list[int], *, order: int = 2, sde: bool = False,
-                 generator: torch.Generator | None = None, clip: bool = True,
-                 prediction: str = "eps", callback: Callback | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) and (3M) (Lu et al. 2022): multistep solvers of the probability-flow
-    ODE in lambda with data prediction x0_hat, of order 2 or 3 (`order`); with `sde`, the
-    second-order multistep solver of the reverse SDE instead (SDE-DPM-Solver++(2M), Lu et al.
-    2022, Appendix; k-diffusion's dpmpp_2m_sde), whose first-order step is exactly the
-    ancestral DDPM step: ancestral sampling plus a second-order correction of x0_hat.
+def sample_dpmpp_2m(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
+                    timesteps: list[int], *, generator: torch.Generator | None = None,
+                    clip: bool = True, prediction: str = "eps",
+                    callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): a second-order multistep solver of the
+    probability-flow ODE in lambda with data prediction x0_hat, one network call a step (it
+    reuses the previous step's x0_hat). The first step has no history and the last is first
+    order, as Lu et al. recommend for few steps (Sec. 5.2), so the last step into the clean
+    image is exactly x0_hat."""
+    x0_prev = lambda_prev = None
+    for n, t in enumerate(timesteps):
+        t_next = timesteps[n + 1] if n + 1 < len(timesteps) else None
+        _, x0_hat = _predict(model, schedule, x, t, clip, prediction)  # 1. data prediction
+        sigma, alpha_next, sigma_next, lambda_t, h = _dpm_step(schedule, t, t_next)
+        phi_1 = math.expm1(-h)  # e^{-h} - 1
+        x = (sigma_next / sigma) * x - alpha_next * phi_1 * x0_hat  # 2. Eq. 9, first order
+        if x0_prev is not None and t_next is not None:  # 3. Algorithm 2's second-order term
+            r = (lambda_t - lambda_prev) / h
+            x = x - 0.5 * alpha_next * phi_1 * ((x0_hat - x0_prev) / r)
+        x0_prev, lambda_prev = x0_hat, lambda_t
+        if callback is not None:
+            callback({"n": n, "t": t, "x": x, "x0_hat": x0_hat})
+    return x
 
-    Each step reuses the x0_hat of the previous steps (one network call per step). The order
-    is lowered at the start (too little history) and at the end, the last step first order
-    and the one before at most second, as Lu et al. recommend for few steps (Sec. 5.2):
-    the last step into the clean image is then exactly x0_hat.
-    """
-    if sde and order > 2:
-        raise ValueError("the SDE solver here is of order 1 or 2")
+
+@torch.no_grad()
+def sample_dpmpp_3m(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
+                    timesteps: list[int], *, generator: torch.Generator | None = None,
+                    clip: bool = True, prediction: str = "eps",
+                    callback: Callback | None = None) -> torch.Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022, Appendix B): the third-order multistep solver, from
+    the x0_hat of the last three steps. The order is lowered where there is too little
+    history and at the end (the last step first order, the one before second), as in
+    `sample_dpmpp_2m`."""
     x0_hats: list[torch.Tensor] = []
     lambdas: list[float] = []
     K = len(timesteps)
     for n, t in enumerate(timesteps):
         t_next = timesteps[n + 1] if n + 1 < K else None
-        _, x0_hat = _predict(model, schedule, x, t, clip, prediction)
-        x0_hats, lambdas = (x0_hats + [x0_hat])[-3:], (lambdas + [_lambda(schedule, t)])[-3:]
-        alpha_next, sigma_next = _alpha_sigma(schedule, t_next)
-        sigma = _alpha_sigma(schedule, t)[1]
-        h = _lambda(schedule, t_next) - lambdas[-1]
-        k = min(order, n + 1, K - n)  # the order of this step
-        if k >= 2:  # divided difference of x0_hat in lambda, scaled by the step
+        _, x0_hat = _predict(model, schedule, x, t, clip, prediction)  # 1. data prediction
+        sigma, alpha_next, sigma_next, lambda_t, h = _dpm_step(schedule, t, t_next)
+        x0_hats, lambdas = (x0_hats + [x0_hat])[-3:], (lambdas + [lambda_t])[-3:]
+        k = min(3, n + 1, K - n)  # the order of this step
+        phi_1 = math.expm1(-h)  # e^{-h} - 1
+        x = (sigma_next / sigma) * x - alpha_next * phi_1 * x0_hats[-1]  # 2. first order
+        if k >= 2:  # 3. divided differences of x0_hat in lambda, scaled by the step
             r0 = (lambdas[-1] - lambdas[-2]) / h
             d1_0 = (x0_hats[-1] - x0_hats[-2]) / r0
-        if sde:  # x' = sigma'/sigma e^-h x + alpha' (1 - e^-2h) (D0 + D1/2) + sigma' sqrt(..) z
-            phi = -math.expm1(-2 * h)  # 1 - e^{-2h}
-            x = (sigma_next / sigma * math.exp(-h)) * x + alpha_next * phi * x0_hats[-1]
-            if k >= 2:
-                x = x + 0.5 * alpha_next * phi * d1_0
-            if sigma_next > 0:
-                x = x + sigma_next * math.sqrt(phi) * randn(x.shape, generator, x.device)
-        else:  # Lu et al. (DPM-Solver++) Eq. 9 first order; Algorithm 2 second; App. B third
-            phi_1 = math.expm1(-h)  # e^{-h} - 1
-            x = (sigma_next / sigma) * x - alpha_next * phi_1 * x0_hats[-1]
-            if k == 2:
-                x = x - 0.5 * alpha_next * phi_1 * d1_0
-            elif k == 3:
-                r1 = (lambdas[-2] - lambdas[-3]) / h
-                d1_1 = (x0_hats[-2] - x0_hats[-3]) / r1
-                d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-                d2 = (d1_0 - d1_1) / (r0 + r1)
-                x = (x + alpha_next * (phi_1 / h + 1) * d1
-                     - alpha_next * ((phi_1 + h) / h**2 - 0.5) * d2)
+        if k == 2:
+            x = x - 0.5 * alpha_next * phi_1 * d1_0
+        elif k == 3:
+            r1 = (lambdas[-2] - lambdas[-3]) / h
+            d1_1 = (x0_hats[-2] - x0_hats[-3]) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            x = (x + alpha_next * (phi_1 / h + 1) * d1
+                 - alpha_next * ((phi_1 + h) / h**2 - 0.5) * d2)
         if callback is not None:
             callback({"n": n, "t": t, "x": x, "x0_hat": x0_hat})
     return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
+                        timesteps: list[int], *, generator: torch.Generator | None = None,
+                        clip: bool = True, prediction: str = "eps", order: int = 2,
+                        callback: Callback | None = None) -> torch.Tensor:
+    """SDE-DPM-Solver++(2M) (Lu et al. 2022, Appendix; k-diffusion's dpmpp_2m_sde): the
+    second-order multistep solver of the reverse SDE. Its first-order step (`order=1`) is
+    exactly the ancestral DDPM step, so this is ancestral sampling plus a second-order
+    correction of x0_hat from the previous step's; first and last steps as in
+    `sample_dpmpp_2m`."""
+    if order not in (1, 2):
+        raise ValueError(f"the SDE solver here is of order 1 or 2; got {order}")
+    x0_prev = lambda_prev = None
+    for n, t in enumerate(timesteps):
+        t_next = timesteps[n + 1] if n + 1 < len(timesteps) else None
+        _, x0_hat = _predict(model, schedule, x, t, clip, prediction)  # 1. data prediction
+        sigma, alpha_next, sigma_next, lambda_t, h = _dpm_step(schedule, t, t_next)
+        # 2. x' = sigma'/sigma e^-h x + alpha' (1 - e^-2h) (D0 + D1/2) + sigma' sqrt(1 - e^-2h) z
+        phi = -math.expm1(-2 * h)  # 1 - e^{-2h}
+        x = (sigma_next / sigma * math.exp(-h)) * x + alpha_next * phi * x0_hat
+        if order == 2 and x0_prev is not None and t_next is not None:
+            r = (lambda_t - lambda_prev) / h
+            x = x + 0.5 * alpha_next * phi * ((x0_hat - x0_prev) / r)
+        if sigma_next > 0:  # 3. fresh noise, except into the clean image
+            x = x + sigma_next * math.sqrt(phi) * randn(x.shape, generator, x.device)
+        x0_prev, lambda_prev = x0_hat, lambda_t
+        if callback is not None:
+            callback({"n": n, "t": t, "x": x, "x0_hat": x0_hat})
+    return x
+
+
+def _dpm_step(schedule: NoiseSchedule, t: int, t_next: int | None) -> tuple[float, ...]:
+    """(sigma_t, alpha_t', sigma_t', lambda_t, h = lambda_t' - lambda_t) for a DPM-Solver
+    step from timestep t to t' (None: the clean end)."""
+    alpha_next, sigma_next = _alpha_sigma(schedule, t_next)
+    lambda_t = _lambda(schedule, t)
+    return (_alpha_sigma(schedule, t)[1], alpha_next, sigma_next, lambda_t,
+            _lambda(schedule, t_next) - lambda_t)
 
 
 def _lambda(schedule: NoiseSchedule, t: int | None) -> float:
@@ -170,9 +216,9 @@ def _lambda(schedule: NoiseSchedule, t: int | None) -> float:
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
-    "dpm++2m": partial(sample_dpmpp, order=2),
-    "dpm++3m": partial(sample_dpmpp, order=3),
-    "dpm++2m-sde": partial(sample_dpmpp, order=2, sde=True),
+    "dpm++2m": sample_dpmpp_2m,
+    "dpm++3m": sample_dpmpp_3m,
+    "dpm++2m-sde": sample_dpmpp_2m_sde,
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smol_diffusion import NoiseSchedule, sample
-from smol_diffusion.samplers import SAMPLERS, sample_ddpm, sample_dpmpp, slerp
+from smol_diffusion.samplers import SAMPLERS, sample_ddpm, sample_dpmpp_2m_sde, slerp
 from smol_diffusion.schedule import spaced_timesteps
 
 from conftest import GaussianDenoiser
@@ -111,9 +111,9 @@ def test_first_order_sde_dpm_solver_is_the_ancestral_sampler():
     run = lambda f, **kw: f(model, schedule, noise, ts, clip=False,  # noqa: E731
                             generator=torch.Generator().manual_seed(1), **kw)
     ddpm = run(sample_ddpm, variance="small")
-    first = run(sample_dpmpp, order=1, sde=True)
+    first = run(sample_dpmpp_2m_sde, order=1)
     torch.testing.assert_close(first, ddpm, rtol=1e-4, atol=1e-4)
-    second = run(sample_dpmpp, order=2, sde=True)
+    second = run(sample_dpmpp_2m_sde)
     assert (second - ddpm).abs().mean() > 1e-3
     full = sample(model, schedule, (2000, 1, 4, 4), sampler="dpm++2m-sde", clip=False,
                   generator=torch.Generator().manual_seed(2))
