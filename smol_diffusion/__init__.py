@@ -4,7 +4,8 @@ Public names: NoiseSchedule, UNet, sample, train, load_checkpoint, and the confi
 The command line is `smol-diffusion` (cli.py), also `python -m smol_diffusion`.
 """
 from .checkpoint import load_checkpoint
-from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, get_preset
+from .config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from .presets import get_preset
 from .samplers import sample
 from .schedule import NoiseSchedule
 from .training import train

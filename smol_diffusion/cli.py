@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from .checkpoint import load_checkpoint, read_checkpoint, stored_config
-from .config import (PRESETS, Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig,
-                     all_fields, get_preset, parse_field)
+from .config import (Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, all_fields,
+                     parse_field)
 from .evaluate import (METRICS, SAMPLE_METRICS, default_metrics, evaluate, format_table,
                        get_extractor)
 from .export import export_weights
 from .files import shown
 from .hardware import PRECISIONS, distributed_env
+from .presets import PRESETS, get_preset
 from .samplers import SAMPLERS
 from .schedule import SPACINGS
 from .training import TrainingDiverged, train
@@ -58,7 +59,7 @@ def _train_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="the settings to start from (default: demo; with --resume, the "
                              "checkpoint's); the defaults below are the fields' own, which a "
-                             "preset changes in part (config.py, PRESETS)")
+                             "preset changes in part (presets.py)")
     comments = field_comments()
     for name, f in sorted(all_fields().items()):  # a bare bool flag (--compile) means true
         text = f"{comments.get(name, '')} (default {f.default!r})"

@@ -1,4 +1,4 @@
-"""Configuration: one dataclass per concern, presets as instances.
+"""Configuration: one dataclass per concern (the presets, instances of it: presets.py).
 
 A checkpoint stores `dataclasses.asdict(config)`, and `Config.from_dict` rebuilds it, so a
 checkpoint knows its own model, schedule and data.
@@ -9,7 +9,6 @@ once with the field's name, the value and what it accepts, not hours into a run.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -340,39 +339,3 @@ def overrides_from(value: dict | str | None) -> dict:
         raise ValueError(f"overrides must be a dict of config fields or its JSON text, such as "
                          f"{example}; got {value!r} ({type(value).__name__})")
     return dict(value)
-
-
-PRESETS: dict[str, Config] = {
-    # The embedded digits on a 2-core CPU, sampling included, in under 5 minutes: a narrow UNet
-    # taking many steps, with the budget put on the noisy timesteps that decide a digit's shape
-    # (cosine schedule, Min-SNR weighting). How it was chosen: docs/presets.md.
-    "demo": Config(
-        model=ModelConfig(image_size=16, in_channels=1, channels=16, channel_mults=(1, 2, 2),
-                          num_res_blocks=1, attn_resolutions=(), heads=4, dropout=0.0),
-        diffusion=DiffusionConfig(T=1000, schedule="cosine", min_snr_gamma=5.0),
-        data=DataConfig(dataset="mnist", split="train"),
-        train=TrainConfig(steps=2200, batch_size=64, lr=2e-3, warmup=100,
-                          lr_schedule="cosine", ema_decay=0.999, log_every=25,
-                          sample_every=0, checkpoint_every=0, out_dir="checkpoints/demo",
-                          channels_last=True),
-    ),
-    # Stanford Cars at 64x64 on a CUDA GPU: Ho et al.'s CIFAR-10 recipe (35.7M parameters,
-    # lr 2e-4, EMA 0.9999, T=1000, linear betas, dropout 0.1) with attention at 16 and 8.
-    "cars64": Config(
-        model=ModelConfig(image_size=64, in_channels=3, channels=128, channel_mults=(1, 2, 2, 2),
-                          num_res_blocks=2, attn_resolutions=(16, 8), heads=4, dropout=0.1),
-        diffusion=DiffusionConfig(T=1000, schedule="linear"),
-        data=DataConfig(dataset="cars", root="data", hflip=True),
-        # compile: fuses the GroupNorm / SiLU / residual chains that eager mode runs one
-        # memory-bound kernel each (docs/speed.md); its first step compiles for a minute or two
-        train=TrainConfig(steps=200_000, batch_size=64, lr=2e-4, warmup=5000, ema_decay=0.9999,
-                          compile=True, out_dir="checkpoints/cars64"),
-    ),
-}
-
-
-def get_preset(name: str) -> Config:
-    """A fresh copy of a preset (`demo` or `cars64`)."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
-    return copy.deepcopy(PRESETS[name])

@@ -14,8 +14,8 @@ import pytest
 
 from smol_diffusion import NoiseSchedule, UNet
 from smol_diffusion.checkpoint import Checkpoint
-from smol_diffusion.config import (PRESETS, Config, ModelConfig, TrainConfig, field_owner,
-                                   get_preset, overrides_from)
+from smol_diffusion.config import Config, ModelConfig, TrainConfig, field_owner, overrides_from
+from smol_diffusion.presets import PRESETS, get_preset
 from smol_diffusion.evaluate import evaluate
 from smol_diffusion.cli import main as cli_main
 from smol_diffusion.cli import parse_train as parse_args

@@ -14,10 +14,11 @@ from PIL import Image
 from conftest import write_image
 from smol_diffusion import DataConfig
 from smol_diffusion.batches import DROPOUT, ORDER, STEP, batch_indices, stream_seed, to_device
-from smol_diffusion.data import (DatasetError, cached_images, find_images, load_image,
-                                 make_dataset, mnist_5k, mnist_5k_arrays, stanford_cars_files)
+from smol_diffusion.data import DatasetError, make_dataset, mnist_5k, mnist_5k_arrays, \
+    stanford_cars_files
+from smol_diffusion.images import cached_images, find_images, load_image, to_8bit
 
-data = sys.modules["smol_diffusion.data"]
+images_module = sys.modules["smol_diffusion.images"]
 
 
 def data_cfg(tmp_path, **kw):
@@ -120,8 +121,8 @@ def test_image_cache_is_built_once_and_keyed_by_files_and_size(tmp_path, monkeyp
     assert x[:, 0].float().mean(dim=(1, 2)).tolist() == [0, 50, 100, 150, 200]
     assert len(list(cache.iterdir())) == 1
     decoded = []
-    real = sys.modules["smol_diffusion.data"].load_image
-    monkeypatch.setattr(sys.modules["smol_diffusion.data"], "load_image",
+    real = images_module.load_image
+    monkeypatch.setattr(images_module, "load_image",
                         lambda *a: decoded.append(1) or real(*a))
     torch.testing.assert_close(cached_images(paths, 8, 3, cache, progress=False), x)
     assert not decoded  # memory-mapped from the cache
@@ -240,7 +241,7 @@ def test_transparency_is_composited_on_white_and_cmyk_converted(tmp_path):
                                                      [76], [76]]  # red's luma: 0.299 * 255
     for mode in ("La", "RGBa"):  # premultiplied alpha: Pillow writes no file of these
         img = Image.new(mode, size, (0,) * len(mode))
-        assert data.to_8bit(img, "RGB").getpixel((0, 0)) == (255, 255, 255)
+        assert to_8bit(img, "RGB").getpixel((0, 0)) == (255, 255, 255)
 
 
 def test_exif_orientation_turns_photos_upright(tmp_path):
@@ -294,14 +295,14 @@ def test_a_cache_too_big_for_the_disk_is_refused_before_writing(tmp_path, small_
 
 def test_a_disk_filling_during_the_build_fails_clearly(tmp_path, small_disk, monkeypatch):
     # the blocks reserved before decoding turn the SIGBUS this would be into ENOSPC
-    check = data.require_space
+    check = images_module.require_space
 
     def check_then_fill(path, needed, what):  # another program takes the space after the check
         check(path, needed, what)
         with open(small_disk / "other", "wb") as f:  # all but 16 kB, room for a sparse file
             os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(small_disk).free - 16384)
 
-    monkeypatch.setattr(data, "require_space", check_then_fill)
+    monkeypatch.setattr(images_module, "require_space", check_then_fill)
     with pytest.raises(OSError, match=r"no space for the image cache .*/disk/cache/images_64px"
                        r".*needs about 65\.5 kB and [\d.]+ kB is free"):  # 5 x 3 x 64 x 64 + 4096
         cached_images(images_on(tmp_path), 64, 3, small_disk / "cache", progress=False)
