@@ -133,6 +133,23 @@ def load_weights(model: torch.nn.Module, weights: dict, path: str | Path) -> Non
                          f"(was it written by another version?): {e}") from e
 
 
+def resume_from(path: str | Path, cfg: Config, model: torch.nn.Module, ema: torch.nn.Module,
+                opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> tuple[int, dict]:
+    """Load the training state at `path` into `model`, `ema`, `opt` and (fp16) `scaler` after
+    checking it is the same model and task (`check_same_model`); returns (step, history). The
+    optimizer keeps `cfg`'s weight decay (the learning rate is set every step)."""
+    state = read_checkpoint(path)
+    check_same_model(state, cfg, path)
+    load_weights(model, state["model"], path)
+    load_weights(ema, state["ema"], path)
+    opt.load_state_dict(state["optimizer"])
+    for group in opt.param_groups:
+        group["weight_decay"] = cfg.train.weight_decay
+    if scaler.is_enabled() and state.get("scaler"):  # fp16 goes on at its own scale
+        scaler.load_state_dict(state["scaler"])
+    return int(state["step"]), state.get("history", {})
+
+
 @dataclass
 class Checkpoint:
     """A loaded checkpoint: the EMA model in eval mode, its schedule, config and step, and for

@@ -14,8 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .batches import DROPOUT, batch_indices, step_randomness, stream_seed, to_device
-from .checkpoint import (Checkpoint, check_out_dir, check_same_model, load_weights,
-                         read_checkpoint, save_checkpoint)
+from .checkpoint import Checkpoint, check_out_dir, resume_from, save_checkpoint
 from .config import Config
 from .data import make_dataset
 from .diffusion import simple_loss
@@ -120,16 +119,8 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts, log: RunLog) -> 
     step, history = 0, {"step": [], "loss": [], "lr": [], "img_per_s": [], "grad_norm": [],
                         "eval": [], "skipped": 0}
     if tc.resume:
-        state = read_checkpoint(tc.resume)
-        check_same_model(state, cfg, tc.resume)
-        load_weights(model, state["model"], tc.resume)
-        load_weights(ema, state["ema"], tc.resume)
-        opt.load_state_dict(state["optimizer"])
-        for group in opt.param_groups:  # the config's weight decay (the lr is set each step)
-            group["weight_decay"] = tc.weight_decay
-        if scaler.is_enabled() and state.get("scaler"):  # fp16 goes on at its own scale
-            scaler.load_state_dict(state["scaler"])
-        step, history = int(state["step"]), history | state.get("history", {})
+        step, stored = resume_from(tc.resume, cfg, model, ema, opt, scaler)
+        history |= stored
 
     # built now, so that missing Inception weights stop the run before it trains, not after
     extractor = get_extractor(None, cfg, cfg.data.cache_dir, device=device) \
