@@ -33,9 +33,9 @@ _CHOICES = {"schedule": SCHEDULES, "prediction": PREDICTIONS, "sampler": tuple(S
 # T, sample_steps and min_snr_gamma are checked in DiffusionConfig, eval_n in TrainConfig.
 _AT_LEAST_0, _AT_LEAST_1 = (lambda v: v >= 0, ">= 0"), (lambda v: v >= 1, ">= 1")
 _RANGES = {
-    **dict.fromkeys(("image_size", "in_channels", "out_channels", "channels", "channel_mults",
-                     "num_res_blocks", "attn_resolutions", "heads", "steps", "batch_size",
-                     "grad_accum", "log_every"), _AT_LEAST_1),
+    **dict.fromkeys(("image_size", "patch_size", "in_channels", "out_channels", "channels",
+                     "channel_mults", "num_res_blocks", "attn_resolutions", "heads", "steps",
+                     "batch_size", "grad_accum", "log_every"), _AT_LEAST_1),
     **dict.fromkeys(("num_classes", "num_workers", "warmup", "sample_every", "sample_n",
                      "checkpoint_every", "eval_every"), _AT_LEAST_0),
     "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -93,6 +93,8 @@ class ModelConfig:
     """The UNet (Ho et al. 2020, Appendix B)."""
 
     image_size: int = 32  # training resolution; sets where attn_resolutions fall
+    patch_size: int = 1  # > 1: the UNet sees patch x patch pixel blocks as channels, at
+    #                      image_size / patch_size (pixel unshuffle; Hoogeboom et al. 2023)
     in_channels: int = 3  # 1 for digits, 3 for colour images
     out_channels: int | None = None  # None: same as in_channels (the network predicts eps)
     channels: int = 128  # channels at the first level
@@ -111,13 +113,16 @@ class ModelConfig:
             raise ValueError("channel_mults must hold one multiplier a level, e.g. (1, 2, 2); "
                              "got ()")
         levels = len(self.channel_mults)
-        if self.image_size % 2 ** (levels - 1):  # the UNet halves the resolution between levels
+        # patches first, then the UNet halves the resolution between levels
+        if self.image_size % (self.patch_size * 2 ** (levels - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by "
-                             f"{2 ** (levels - 1)}, which {levels} channel_mults need")
+                             f"{self.patch_size * 2 ** (levels - 1)}, which {levels} "
+                             f"channel_mults need" + (f" with patch_size {self.patch_size}"
+                                                      if self.patch_size > 1 else ""))
         # each attention layer (at attn_resolutions, and the middle one, after the last level)
         # splits its channels into `heads`
         for level, mult in enumerate(self.channel_mults):
-            size = self.image_size // 2**level
+            size = self.image_size // self.patch_size // 2**level
             if ((size in self.attn_resolutions or level == levels - 1)
                     and self.channels * mult % self.heads):
                 raise ValueError(f"heads must divide the channels of every attention layer; "

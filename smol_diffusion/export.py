@@ -119,6 +119,9 @@ def diffusers_mismatch(model: UNet) -> str | None:
     the first conv and a 1x1 skip, single-norm attention with a residual, strided-conv
     downsampling, nearest upsampling then a conv, and the skips in the same order."""
     cfg = model.cfg
+    if cfg.patch_size != 1:
+        return (f"patch_size is {cfg.patch_size}: UNet2DModel has no pixel unshuffle around "
+                "its convolutions, so it must be 1")
     if cfg.channel_mults[0] != 1:  # diffusers: conv_in and the embedding use block_out_channels[0]
         return (f"channel_mults starts with {cfg.channel_mults[0]}: UNet2DModel's input conv "
                 "and timestep embedding are as wide as its first level, so it must be 1")
@@ -175,7 +178,7 @@ def _diffusers_files(ckpt: Checkpoint, out_dir: Path) -> dict[Path, bytes]:
                          f"{reason}; export it without --diffusers")
     m, d = ckpt.config.model, ckpt.config.diffusion
     levels = len(m.channel_mults)
-    attn_levels = {i for i in range(levels) if m.image_size // 2**i in m.attn_resolutions}
+    attn_levels = {i for i in range(levels) if m.image_size // 2**i in m.attn_resolutions}  # p = 1
     norm = next(x for x in ckpt.model.modules() if isinstance(x, nn.GroupNorm))
     unet = {
         "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,

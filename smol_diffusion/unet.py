@@ -89,9 +89,11 @@ class UNet(nn.Module):
     `forward(x, t, y=None)` takes images (B, C, H, W), a LongTensor t of shape (B,) and, for a
     class-conditional model (`cfg.num_classes` > 0), labels y (B,) in [0, num_classes], where
     num_classes itself (or y=None) means "no label" (classifier-free guidance, Ho & Salimans
-    2022); it returns a tensor shaped like x. Any H and W divisible by 2^(levels-1) work;
-    attention sits at the levels whose resolution is in `cfg.attn_resolutions` when the input
-    is `cfg.image_size`.
+    2022); it returns a tensor shaped like x. With `cfg.patch_size` p > 1 each p x p block of
+    pixels becomes p^2 channels of one position first (pixel unshuffle), and back at the end:
+    the UNet runs at 1/p of the resolution (Hoogeboom et al. 2023, "simple diffusion"). Any H
+    and W divisible by p 2^(levels-1) work; attention sits at the levels whose resolution
+    (after patching) is in `cfg.attn_resolutions` when the input is `cfg.image_size`.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -99,13 +101,15 @@ class UNet(nn.Module):
         self.cfg = cfg
         ch, mults = cfg.channels, cfg.channel_mults
         levels = len(mults)
-        attn_levels = {i for i in range(levels) if cfg.image_size // 2**i in cfg.attn_resolutions}
+        p = cfg.patch_size
+        attn_levels = {i for i in range(levels)
+                       if cfg.image_size // p // 2**i in cfg.attn_resolutions}
         emb_dim = 4 * ch
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(),
                                       nn.Linear(emb_dim, emb_dim))
         if cfg.num_classes:  # one row per class and a last one for "no label"
             self.label_emb = nn.Embedding(cfg.num_classes + 1, emb_dim)
-        self.conv_in = nn.Conv2d(cfg.in_channels, ch, 3, padding=1)
+        self.conv_in = nn.Conv2d(cfg.in_channels * p * p, ch, 3, padding=1)
 
         def block(i: int, o: int, level: int) -> nn.ModuleList:
             layers = [ResBlock(i, o, emb_dim, cfg.dropout)]
@@ -137,8 +141,8 @@ class UNet(nn.Module):
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(cur, cur, 3, padding=1)]))
         self.norm_out = group_norm(cur)
-        self.conv_out = zero_init(nn.Conv2d(cur, cfg.out_channels, 3, padding=1))
-        self.min_divisor = 2 ** (levels - 1)
+        self.conv_out = zero_init(nn.Conv2d(cur, cfg.out_channels * p * p, 3, padding=1))
+        self.min_divisor = p * 2 ** (levels - 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 y: torch.Tensor | None = None) -> torch.Tensor:
@@ -156,7 +160,7 @@ class UNet(nn.Module):
             emb = emb + self.label_emb(y)  # the class embedding added to the time embedding
         elif y is not None:
             raise ValueError("this model is unconditional (num_classes=0); it takes no labels")
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.cfg.patch_size))  # (B, ch, H/p, W/p)
         hs = [h]
         for layers in self.down:
             h = self._run(layers, h, emb)
@@ -168,7 +172,7 @@ class UNet(nn.Module):
             if isinstance(layers[0], ResBlock):
                 h = torch.cat([h, hs.pop()], dim=1)  # (B, C + C_skip, h, w)
             h = self._run(layers, h, emb)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.pixel_shuffle(self.conv_out(F.silu(self.norm_out(h))), self.cfg.patch_size)
 
     @staticmethod
     def _run(layers: nn.ModuleList, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,8 @@ SMALL = ModelConfig(image_size=16, in_channels=3, channels=16, channel_mults=(1,
     ({"num_res_blocks": 2, "heads": 4, "dropout": 0.1}, 32),
     ({"in_channels": 3, "out_channels": 6}, 8),
     ({"channels": 18}, 16),  # a width that is not a multiple of 4: GroupNorm's groups divide it
+    ({"patch_size": 2, "in_channels": 1, "out_channels": 1, "image_size": 28,
+      "attn_resolutions": (7,)}, 28),
 ])
 def test_output_shape(changes, size):
     cfg = dataclasses.replace(SMALL, **changes)
@@ -26,6 +28,26 @@ def test_output_shape(changes, size):
     x = torch.randn(2, cfg.in_channels, size, size)
     out = model(x, torch.tensor([0, 999]))
     assert out.shape == (2, cfg.out_channels, size, size)
+
+
+def test_patches_are_pixel_blocks_in_and_out():
+    """patch_size 2: each 2x2 block is one position of 4 channels (attention at 7x7 for 28x28
+    images), and the output block i is made from output channel i, pixel for pixel."""
+    cfg = dataclasses.replace(SMALL, in_channels=1, out_channels=1, image_size=28, patch_size=2,
+                              attn_resolutions=(7,))
+    model = UNet(cfg)
+    assert model.conv_in.in_channels == 4 and model.conv_out.out_channels == 4
+    assert sum(isinstance(m, Attention) for m in model.modules()) == 4  # 7x7 and the middle
+    torch.nn.init.normal_(model.conv_out.weight)
+    x = torch.randn(1, 1, 28, 28)
+    blocks = torch.nn.functional.pixel_unshuffle(model(x, torch.tensor([3])), 2)  # (1, 4, 14, 14)
+    h = {}
+    model.conv_out.register_forward_hook(lambda m, i, o: h.update(out=o))
+    model(x, torch.tensor([3]))
+    torch.testing.assert_close(blocks, h["out"])
+    with pytest.raises(ValueError, match="image_size 28 is not divisible by 8, which 2 "
+                                         "channel_mults need with patch_size 4"):
+        dataclasses.replace(cfg, patch_size=4)
 
 
 def test_non_square_input():
