@@ -107,8 +107,6 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(self)
-        if self.out_channels is None:
-            self.out_channels = self.in_channels
         if not self.channel_mults:
             raise ValueError("channel_mults must hold one multiplier a level, e.g. (1, 2, 2); "
                              "got ()")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from smol_diffusion import NoiseSchedule, UNet
 from smol_diffusion.checkpoint import Checkpoint
@@ -55,7 +56,7 @@ def test_right_types_are_stored_as_annotated():
     tc = TrainConfig(lr=1, weight_decay=np.float32(0.5), steps=np.int64(7), grad_clip=math.inf)
     assert type(tc.lr) is float and type(tc.weight_decay) is float and type(tc.steps) is int
     mc = ModelConfig(channel_mults=[1, 2], attn_resolutions=[16], out_channels=None)
-    assert mc.channel_mults == (1, 2) and mc.attn_resolutions == (16,) and mc.out_channels == 3
+    assert mc.channel_mults == (1, 2) and mc.attn_resolutions == (16,) and mc.out_channels is None
 
 
 @pytest.mark.parametrize("change, message", [
@@ -111,6 +112,11 @@ def test_the_edges_of_each_range_are_accepted():
                             label_dropout=1.0, grad_clip=math.inf, seed=2**64 - 1, sample_n=0,
                             eval_n=1, image_size=8, heads=1)
     assert cfg.train.grad_clip == math.inf and cfg.model.image_size == 8
+
+
+def test_a_colour_dataset_on_the_demo_preset_gets_colour_outputs():
+    cfg = get_preset("demo").override(in_channels=3)  # out_channels None: as many as come in
+    assert UNet(cfg.model)(torch.zeros(1, 3, 16, 16), torch.tensor([0])).shape == (1, 3, 16, 16)
 
 
 def test_settings_that_need_the_run_are_checked_against_it():
