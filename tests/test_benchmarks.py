@@ -13,6 +13,7 @@ from smol_diffusion.unet import Attention
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))  # the scripts import each other as they do when run
+import demo_frontier  # noqa: E402
 import layout_cpu  # noqa: E402
 import train_throughput  # noqa: E402
 
@@ -56,3 +57,8 @@ def test_attention_flops_count_on_the_cpu_as_on_cuda():
     q = (2, 4, 64, 16)  # (B, heads, H*W, C/heads)
     core = flop_counter.sdpa_flop_count(q, q, q) + flop_counter.sdpa_backward_flop_count(q, q, q, q)
     assert per_image * 2 == rest + core
+
+
+def test_the_frontier_budget_sets_the_step_count_whatever_a_row_says():
+    row = ["--image_size", "28", "--steps", "50", "--lr", "1e-3", "--steps=9"]
+    assert demo_frontier.without_steps(row) == ["--image_size", "28", "--lr", "1e-3"]

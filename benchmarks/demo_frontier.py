@@ -1,0 +1,135 @@
+"""The demo's frontier: digit recipes trained to one time budget, then scored.
+
+    python benchmarks/demo_frontier.py --budget 300 --threads 1 --n 2000 \
+        --row "16px preset=" --row "28px=--image_size 28" [--json FILE]
+
+Each row is NAME=ARGS: `smol-diffusion train --preset demo ARGS` (any training fields), in fp32
+unless ARGS set --precision (the slow laptops the demo is for have no native bf16). For each
+row, one job at a time:
+1. the fp32 matmul peak (GFLOP/s) on `--threads` threads, measured just before the row;
+2. a calibration run of `--calib-steps` steps: the seconds a step takes (from the median img/s
+   of its loss readings after the first) and the rest of the command's wall time (start-up,
+   the final sample grid, the checkpoint);
+3. the run itself, with as many steps as fit the budget (`--steps` in ARGS is replaced), timed
+   from the command's start to its exit: wall time and median img/s;
+4. `smol-diffusion evaluate` (on every core: it is not part of the budget) with the digits
+   extractor at n samples: the share recognisable and FID; once per resolution, the same for
+   n real digits (`--real`): the floor.
+Training runs on `--threads` threads (OMP_NUM_THREADS): one thread of a fast machine stands in
+for a slower 2-core one (docs/presets.md says how well).
+Prints a table with each row's command; `--json` keeps every number.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_throughput import matmul_peak  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = [sys.executable, "-m", "smol_diffusion", "train", "--preset", "demo"]
+
+
+def without_steps(args: list[str]) -> list[str]:
+    """ARGS with any --steps N removed (the budget sets it)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a == "--steps":
+            skip = True
+        elif not a.startswith("--steps="):
+            out.append(a)
+    return out
+
+
+def train(args: list[str], out_dir: Path, threads: int | None = None) -> tuple[float, float, dict]:
+    """(wall seconds, median img/s after the first reading, the checkpoint's config)."""
+    env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
+    t0 = time.perf_counter()
+    r = subprocess.run([*TRAIN, *args, "--out_dir", str(out_dir), "--overwrite", "true"],
+                       cwd=ROOT, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if r.returncode:
+        raise SystemExit(f"training failed: {shlex.join(args)}\n{r.stderr[-3000:]}")
+    state = torch.load(out_dir / "ckpt.pt", weights_only=True, map_location="cpu")
+    rates = state["history"]["img_per_s"]
+    return wall, statistics.median(rates[1:] or rates), state["config"]
+
+
+def evaluate(checkpoint: Path, n: int, real: bool) -> dict:
+    """{metric: value} of `smol-diffusion evaluate` with the digits extractor."""
+    out = checkpoint.with_name("real.json" if real else "eval.json")
+    r = subprocess.run([sys.executable, "-m", "smol_diffusion", "evaluate", "--checkpoint",
+                        str(checkpoint), "--n", str(n), "--metrics", "fid,recognisable",
+                        "--extractor", "digits", "--out", str(out), *(["--real"] if real else [])],
+                       cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        raise SystemExit(f"evaluation failed for {checkpoint}:\n{r.stderr[-3000:]}")
+    return {row["metric"]: row["value"] for row in json.loads(out.read_text())["results"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--row", action="append", required=True,
+                        help='NAME=ARGS, e.g. "28px v=--image_size 28 --prediction v"')
+    parser.add_argument("--budget", type=float, default=300.0, help="seconds, start to grid")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="training threads (default: all cores)")
+    parser.add_argument("--calib-steps", type=int, default=60)
+    parser.add_argument("--n", type=int, default=2000, help="samples (and real digits) scored")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    results, floors = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, spec in enumerate(args.row):
+            name, _, text = spec.partition("=")
+            # fp32 unless the row says otherwise: the reference machine has no native bf16
+            row_args = ["--precision", "fp32", *without_steps(shlex.split(text))]
+            if args.threads:
+                torch.set_num_threads(args.threads)
+            peak = matmul_peak(torch.device("cpu"), torch.float32)
+            out = Path(tmp) / f"row{i}"
+            k = args.calib_steps
+            wall, rate, cfg = train([*row_args, "--steps", str(k), "--log_every", "10"], out,
+                                    args.threads)
+            step = cfg["train"]["batch_size"] / rate
+            fixed = max(0.0, wall - k * step)
+            steps = max(1, math.floor((args.budget - fixed) / step))
+            command = shlex.join(["smol-diffusion", "train", "--preset", "demo", *row_args,
+                                  "--steps", str(steps)])
+            wall, rate, cfg = train([*row_args, "--steps", str(steps)], out, args.threads)
+            scores = evaluate(out / "ckpt.pt", args.n, real=False)
+            size = cfg["model"]["image_size"]
+            if size not in floors:
+                floors[size] = evaluate(out / "ckpt.pt", args.n, real=True)
+            row = {"name": name, "image_size": size, "steps": steps, "wall_s": round(wall, 1),
+                   "threads": args.threads, "img_per_s": round(rate, 1),
+                   "recognisable": scores["recognisable"], "fid": scores["fid"],
+                   "real_recognisable": floors[size]["recognisable"],
+                   "real_fid": floors[size]["fid"], "peak_gflops": round(peak, 1),
+                   "command": command}
+            results.append(row)
+            print(f"{name:24s} {size:3d}px {steps:5d} steps {wall:6.1f}s  {rate:6.0f} img/s  "
+                  f"recognisable "
+                  f"{row['recognisable']:.1%} (real {row['real_recognisable']:.1%})  FID "
+                  f"{row['fid']:.2f} (real {row['real_fid']:.2f})  peak {peak:.0f} GFLOP/s"
+                  f"\n    {command}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
