@@ -95,6 +95,9 @@ def simple_loss(model: nn.Module, schedule: NoiseSchedule, x0: torch.Tensor,
     goal = target(x0, noise, ab.sqrt(), (1 - ab).sqrt(), prediction)
     xt = q_sample(schedule, x0, t, noise)
     out = model(xt, t) if y is None else model(xt, t, y)
+    if out.shape != goal.shape:  # a broadcast here would train the wrong model silently
+        raise ValueError(f"the network's output {tuple(out.shape)} does not match its target "
+                         f"{tuple(goal.shape)}; set out_channels to in_channels (or None)")
     if min_snr_gamma is None:
         return F.mse_loss(out.float(), goal)
     snr = (ab / (1 - ab)).flatten()  # (B,)

@@ -104,3 +104,12 @@ def test_min_snr_trains_the_last_step_of_a_zero_terminal_snr_schedule(prediction
     weighted = simple_loss(Recorder(), schedule, x0, min_snr_gamma=5.0, **kw)
     assert weighted.item() > 0
     assert weighted.item() == pytest.approx(simple_loss(Recorder(), schedule, x0, **kw).item())
+
+
+@pytest.mark.parametrize("gamma", [None, 5.0])
+def test_an_output_shaped_unlike_its_target_is_refused_not_broadcast(gamma):
+    x0 = torch.zeros(4, 3, 4, 4)
+    grey = lambda x, t: x[:, :1]  # noqa: E731  one channel for three
+    with pytest.raises(ValueError, match=r"output \(4, 1, 4, 4\) does not match its target "
+                                         r"\(4, 3, 4, 4\); set out_channels"):
+        simple_loss(grey, NoiseSchedule.cosine(10), x0, min_snr_gamma=gamma)
