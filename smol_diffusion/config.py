@@ -186,7 +186,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # gradient-norm clipping threshold
     ema_decay: float = 0.9999  # EMA decay, reached after the warmup (1+n)/(10+n)
     label_dropout: float = 0.1  # conditional models: share of labels dropped (Ho & Salimans)
-    precision: str = "auto"  # "bf16", "fp16" (loss-scaled) or "fp32"; "auto": autocast_dtype
+    precision: str = "auto"  # "bf16", "fp16" (loss-scaled) or "fp32"; "auto": resolve_precision
     compile: bool = False  # torch.compile the network (falls back to eager, with a warning)
     channels_last: bool = False  # channels_last memory format: faster where the convolutions
     #                              have channels_last kernels; measure it (docs/speed.md)

@@ -11,8 +11,8 @@ import shutil
 import socket
 import warnings
 from collections.abc import Callable, Iterator
-from typing import BinaryIO
 from pathlib import Path
+from typing import BinaryIO
 
 try:
     import fcntl
