@@ -116,7 +116,8 @@ def check_same_model(state: dict, cfg: Config, path: str | Path) -> None:
         stored = dataclasses.asdict(default) | state["config"].get(section, {})
         wanted = dataclasses.asdict(getattr(cfg, section))
         for d in (stored, wanted) if section == "model" else ():  # None: as many as come in
-            d["out_channels"] = d["out_channels"] or d["in_channels"]
+            d["out_channels"] = ModelConfig(in_channels=d["in_channels"],
+                                            out_channels=d["out_channels"]).output_channels
         diff = {k: (stored.get(k), v) for k, v in wanted.items()
                 if (fields is None or k in fields) and stored.get(k) != v}
         if diff:

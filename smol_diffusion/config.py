@@ -103,7 +103,8 @@ class ModelConfig:
     attn_resolutions: tuple[int, ...] = (16,)  # resolutions with self-attention
     heads: int = 4  # attention heads
     dropout: float = 0.1  # dropout inside residual blocks
-    num_classes: int = 0  # > 0: class-conditional, a label embedding added to the time's
+    num_classes: int = 0  # > 0: class-conditional, a label embedding added to the time
+    #                       embedding (Ho & Salimans 2022); 0: unconditional
 
     def __post_init__(self) -> None:
         _check(self)
@@ -126,6 +127,11 @@ class ModelConfig:
                 raise ValueError(f"heads must divide the channels of every attention layer; "
                                  f"{self.channels * mult} channels at resolution {size} do not "
                                  f"split into {self.heads} attention heads")
+
+    @property
+    def output_channels(self) -> int:
+        """The channels the network outputs: out_channels, or in_channels where that is None."""
+        return self.out_channels or self.in_channels
 
 
 @dataclass

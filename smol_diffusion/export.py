@@ -183,7 +183,7 @@ def _diffusers_files(ckpt: Checkpoint, out_dir: Path) -> dict[Path, bytes]:
     unet = {
         "_class_name": "UNet2DModel", "_diffusers_version": DIFFUSERS_VERSION,
         "sample_size": m.image_size, "in_channels": m.in_channels,
-        "out_channels": m.out_channels or m.in_channels, "center_input_sample": False,
+        "out_channels": m.output_channels, "center_input_sample": False,
         "time_embedding_type": "positional", "flip_sin_to_cos": True, "freq_shift": 0,
         "down_block_types": [("AttnDownBlock2D" if i in attn_levels else "DownBlock2D")
                              for i in range(levels)],

@@ -141,8 +141,7 @@ class UNet(nn.Module):
                 self.up.append(nn.ModuleList([nn.Upsample(scale_factor=2, mode="nearest"),
                                               nn.Conv2d(cur, cur, 3, padding=1)]))
         self.norm_out = group_norm(cur)
-        out_channels = cfg.out_channels or cfg.in_channels
-        self.conv_out = zero_init(nn.Conv2d(cur, out_channels * p * p, 3, padding=1))
+        self.conv_out = zero_init(nn.Conv2d(cur, cfg.output_channels * p * p, 3, padding=1))
         self.min_divisor = p * 2 ** (levels - 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
