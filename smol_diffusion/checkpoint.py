@@ -18,6 +18,11 @@ from .unet import UNet
 REQUIRED_KEYS = ("model", "ema", "optimizer", "step", "config")
 
 
+def requested_labels(n: int, num_classes: int) -> torch.Tensor:
+    """The classes a conditional model is asked for by default: 0, 1, ..., K-1, 0, 1, ..."""
+    return torch.arange(n) % num_classes
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write `state` to `path` through a temporary file and a rename.
 
@@ -170,8 +175,12 @@ class Checkpoint:
         """n images in [-1, 1] from the EMA model. The sampler, steps, spacing, variance and
         prediction default to the config's, and so does the precision (the one training used:
         `autocast_dtype`); other keywords go to `smol_diffusion.sample` (`labels=`,
-        `guidance=` for a conditional model, `progress=True` for a progress bar)."""
+        `guidance=` for a conditional model, `progress=True` for a progress bar). A conditional
+        model is asked for each class in turn unless `labels` are given (`requested_labels`;
+        `guidance=0` for unconditional samples)."""
         m, d = self.config.model, self.config.diffusion
+        if m.num_classes and kwargs.get("labels") is None:
+            kwargs["labels"] = requested_labels(n, m.num_classes)
         for name in ("sampler", "spacing", "variance", "prediction"):
             kwargs.setdefault(name, getattr(d, name))
         kwargs.setdefault("precision", self.config.train.precision)

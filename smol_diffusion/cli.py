@@ -150,7 +150,8 @@ def _sample_parser(parser: argparse.ArgumentParser) -> None:
                         help="conditional models: class indices or names, comma-separated, "
                              "repeated over the n images (--labels 7: all sevens)")
     parser.add_argument("--guidance", type=float, default=1.0,
-                        help="classifier-free guidance scale (0: unconditional, 1: conditional)")
+                        help="classifier-free guidance scale (0: unconditional, 1: conditional); "
+                             "without --labels each class is asked for in turn")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="autocast precision (default: the checkpoint's, as in training)")
 
@@ -196,7 +197,8 @@ def run_sample(args: argparse.Namespace) -> None:
                             for i in range(0, args.n, args.batch)])
     except ValueError as e:  # e.g. eta with a sampler other than DDIM
         raise SystemExit(f"error: {e}") from None
-    path = save_grid(images, args.out)
+    k = ckpt.config.model.num_classes  # each class in turn: a column each, where they fit
+    path = save_grid(images, args.out, k if 0 < k <= args.n and not args.labels else None)
     d = ckpt.config.diffusion
     steps = d.sample_steps if args.steps is None else args.steps
     print(f"{args.n} images, {args.sampler or d.sampler}, {steps} steps, "
@@ -216,8 +218,9 @@ def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", action="store_true",
                         help="score n real training images instead of samples (the floor)")
     parser.add_argument("--guidance", default=None,
-                        help="conditional models: comma-separated guidance scales, e.g. 1,2,4; "
-                             "each class is asked for in turn, and class_match scored")
+                        help="conditional models: comma-separated guidance scales, e.g. 0,1,2,4 "
+                             "(default 1); each class is asked for in turn, and class_match "
+                             "scored")
     parser.add_argument("--cache-dir", default="data/cache")
     parser.add_argument("--out", default=None,
                         help="JSON file for the results (default: eval.json beside the checkpoint)")

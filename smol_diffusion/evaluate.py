@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, requested_labels
 from .config import Config
 from .data import make_dataset, to_model_range
 from .features import Extractor, digit_extractor, inception_extractor
@@ -110,18 +110,13 @@ def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "
     return stats
 
 
-def requested_labels(n: int, num_classes: int) -> torch.Tensor:
-    """The classes asked for when a conditional model is scored: 0, 1, ..., K-1, 0, 1, ..."""
-    return torch.arange(n) % num_classes
-
-
 def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: bool,
                     sampler: str, steps: int, spacing: str, batch_size: int, seed: int,
                     progress: bool, guidance: float | None = None
                     ) -> tuple[np.ndarray, np.ndarray | None, float]:
     """Features (and class probabilities) of n samples, drawn and embedded batch by batch, and
     the seconds spent sampling. With `guidance`, a conditional model is asked for the classes
-    in turn (`requested_labels`) at that guidance scale."""
+    in turn (`requested_labels`, over all n: batches need not hold whole rounds of classes)."""
     gen = torch.Generator().manual_seed(seed)
     feats, probs, seconds = [], [], 0.0
     labels = requested_labels(n, ckpt.config.model.num_classes) if guidance is not None else None
@@ -171,10 +166,11 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     when the model trained on the train split and the test split has n, else training images,
     which the reference statistics also hold). bpd is the variational bound on bpd_n held-out
     images (the test split, when the model trained on the train split of the digits or Stanford
-    Cars; otherwise images of its own split), with the checkpoint's reverse variance.
+    Cars; otherwise images of its own split), with the checkpoint's reverse variance (a
+    conditional model's without labels: the bound of its unconditional half).
 
-    With `guidance`, a class-conditional model draws its samples asking for each class in turn
-    at that classifier-free guidance scale (without, it samples unconditionally), and
+    A class-conditional model draws its samples asking for each class in turn, at the
+    classifier-free `guidance` scale (default 1: its conditional samples; 0: unconditional), and
     class_match is the share of samples the digit classifier assigns to the class asked for.
 
     `progress` shows progress bars over the samples, the reference features and the held-out
@@ -184,6 +180,8 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
         raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
     if guidance is not None and real:
         raise ValueError("real images are scored as they are, with no guidance: drop guidance")
+    if guidance is None and ckpt.config.model.num_classes and not real:
+        guidance = 1.0  # as Checkpoint.sample draws them: each class in turn
     metrics = metrics or default_metrics(ckpt.config, extractor, guidance)
     unknown = set(metrics) - set(METRICS)
     if unknown:
@@ -203,8 +201,9 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
             extractor = get_extractor(extractor, cfg, cache_dir, inception_weights, device)
         if {"recognisable", "class_match"} & set(metrics) and extractor.name != "digits":
             raise ValueError("recognisable and class_match need the digits extractor")
-        if "class_match" in metrics and (guidance is None or real):
-            raise ValueError("class_match scores samples drawn with guidance: give guidance")
+        if "class_match" in metrics and guidance is None:
+            raise ValueError("class_match scores the samples of a class-conditional model "
+                             "(num_classes > 0); this one is unconditional, or real images")
         want_probs = bool({"recognisable", "class_match"} & set(metrics))
         ref = reference_stats(cfg, extractor, cache_dir, progress=progress)
         if real:  # held-out images where there are enough, else training images

@@ -18,7 +18,7 @@ from .checkpoint import Checkpoint, check_out_dir, resume_from, save_checkpoint
 from .config import Config
 from .data import make_dataset
 from .diffusion import simple_loss
-from .evaluate import default_metrics, evaluate, get_extractor, requested_labels
+from .evaluate import default_metrics, evaluate, get_extractor
 from .files import lock_folder, shown
 from .hardware import (DTYPES, autocast, compile_model, distributed_env, grad_scaler,
                        resolve_precision, setup_device)
@@ -130,11 +130,11 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts, log: RunLog) -> 
 
     def write_samples() -> None:
         ckpt = Checkpoint(ema, schedule, cfg, step, history, classes)
-        x = ckpt.sample(tc.sample_n, generator=torch.Generator().manual_seed(tc.seed),
-                        labels=requested_labels(tc.sample_n, mc.num_classes)
-                        if mc.num_classes else None)
-        display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png"))
-        log.image("samples", to_grid(x), step)
+        # a conditional model: each class in turn, column k the k-th (Checkpoint.sample)
+        x = ckpt.sample(tc.sample_n, generator=torch.Generator().manual_seed(tc.seed))
+        nrow = mc.num_classes if 0 < mc.num_classes <= tc.sample_n else None
+        display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png", nrow))
+        log.image("samples", to_grid(x, nrow), step)
 
     def run_eval() -> dict:
         rows = evaluate(Checkpoint(ema, schedule, cfg, step, history, classes), tc.eval_n,

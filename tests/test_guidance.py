@@ -124,6 +124,16 @@ def test_conditional_training_and_guided_samples(tiny_cfg):
     assert ckpt.classes == [str(d) for d in range(10)]
     x = ckpt.sample(4, labels=[7, 7, 1, 1], guidance=2.0)
     assert x.shape == (4, 1, 8, 8) and torch.isfinite(x).all()
+    # without labels: each class in turn, conditionally; guidance 0: unconditional
+    def seeded() -> dict:  # the same x_T and the same noise along the way (an SDE sampler)
+        return {"generator": torch.Generator().manual_seed(0)}
+    torch.testing.assert_close(ckpt.sample(12, **seeded()),
+                               ckpt.sample(12, labels=torch.arange(12) % 10, **seeded()))
+    torch.testing.assert_close(ckpt.sample(12, guidance=0.0, **seeded()),
+                               sample(ckpt.model, ckpt.schedule, (12, 1, 8, 8),
+                                      steps=cfg.diffusion.sample_steps,
+                                      sampler=cfg.diffusion.sampler,
+                                      precision=cfg.train.precision, **seeded()))
     with pytest.raises(ValueError, match="num_classes=5, but the dataset has 10 classes; set "
                                          "num_classes to 10"):
         smol_diffusion.train(cfg.override(num_classes=5, overwrite=True), progress=False)
@@ -148,9 +158,12 @@ def test_class_match_counts_samples_of_the_class_asked_for(tiny_cfg, tmp_path):
                     guidance=2.0, steps=2, cache_dir=tmp_path / "cache", progress=False)
     match = next(r for r in rows if r["metric"] == "class_match")
     assert match["value"] == pytest.approx(0.1) and match["guidance"] == 2.0  # 2 zeros of 20
-    with pytest.raises(ValueError, match="class_match scores samples drawn with guidance"):
+    rows = evaluate(ckpt, 20, extractor=ext, steps=2, cache_dir=tmp_path / "cache",
+                    metrics=("class_match",), progress=False)  # the default: guidance 1
+    assert [(r["metric"], r["value"], r["guidance"]) for r in rows] == [("class_match", 0.1, 1.0)]
+    with pytest.raises(ValueError, match="class_match scores the samples of a class-cond"):
         evaluate(ckpt, 20, metrics=("class_match",), extractor=ext, progress=False,
-                 cache_dir=tmp_path / "cache")
+                 cache_dir=tmp_path / "cache", real=True)
 
 
 def test_evaluate_cli_builds_one_extractor_for_all_guidance_scales(tiny_cfg, tmp_path,

@@ -34,7 +34,7 @@ def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert not any(o.get("output_type") == "error" for o in outputs)
     text = "".join(o.get("text", "") for o in outputs if o.get("output_type") == "stream")
     assert "recognisable" in text and "bpd" in text and "real (test split)" in text
-    assert text.count("class_match") == 3  # guidance 1, 2 and 4
+    assert text.count("class_match") == 4  # the evaluation (guidance 1), then 1, 2 and 4
     # headless, the panel's cell draws a plain grid (the panel itself: test_explore.py)
     panel = next(c for c in nb.cells if c.get("id") == "explore")
     assert any("image/png" in o.get("data", {}) for o in panel.outputs)
