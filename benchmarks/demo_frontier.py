@@ -11,10 +11,12 @@ row, one job at a time:
    of its loss readings after the first) and the rest of the command's wall time (start-up,
    the final sample grid, the checkpoint);
 3. the run itself, with as many steps as fit the budget (`--steps` in ARGS is replaced), timed
-   from the command's start to its exit: wall time and median img/s;
+   from the command's start to its exit: wall time and median img/s. With `--as-is`, steps 2
+   and 3 become one run with the row's own steps (the preset's, unless ARGS give --steps);
 4. `smol-diffusion evaluate` (on every core: it is not part of the budget) with the digits
-   extractor at n samples: the share recognisable and FID; once per resolution, the same for
-   n real digits (`--real`): the floor.
+   extractor at n samples: the share recognisable and FID (a conditional model is asked for
+   each digit in turn, and the share drawn as the digit asked for is its class match); once
+   per resolution, the same for n real digits (`--real`): the floor.
 Training runs on `--threads` threads (OMP_NUM_THREADS): one thread of a fast machine stands in
 for a slower 2-core one (docs/presets.md says how well).
 Prints a table with each row's command; `--json` keeps every number.
@@ -69,12 +71,16 @@ def train(args: list[str], out_dir: Path, threads: int | None = None) -> tuple[f
     return wall, statistics.median(rates[1:] or rates), state["config"]
 
 
-def evaluate(checkpoint: Path, n: int, real: bool) -> dict:
-    """{metric: value} of `smol-diffusion evaluate` with the digits extractor."""
+def evaluate(checkpoint: Path, n: int, real: bool, conditional: bool) -> dict:
+    """{metric: value} of `smol-diffusion evaluate` with the digits extractor. A conditional
+    model is asked for each digit in turn, at guidance 1 (its plain conditional samples, as in
+    its training grid)."""
     out = checkpoint.with_name("real.json" if real else "eval.json")
+    extra = ["--real"] if real else ["--guidance", "1"] if conditional else []
+    metrics = "fid,recognisable" + (",class_match" if conditional and not real else "")
     r = subprocess.run([sys.executable, "-m", "smol_diffusion", "evaluate", "--checkpoint",
-                        str(checkpoint), "--n", str(n), "--metrics", "fid,recognisable",
-                        "--extractor", "digits", "--out", str(out), *(["--real"] if real else [])],
+                        str(checkpoint), "--n", str(n), "--metrics", metrics,
+                        "--extractor", "digits", "--out", str(out), *extra],
                        cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"evaluation failed for {checkpoint}:\n{r.stderr[-3000:]}")
@@ -88,7 +94,10 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=300.0, help="seconds, start to grid")
     parser.add_argument("--threads", type=int, default=None,
                         help="training threads (default: all cores)")
-    parser.add_argument("--calib-steps", type=int, default=60)
+    parser.add_argument("--calib-steps", type=int, default=150)
+    parser.add_argument("--as-is", action="store_true",
+                        help="no calibration: each row runs with its own steps (the preset's "
+                             "unless ARGS give --steps), to time a preset as a user runs it")
     parser.add_argument("--n", type=int, default=2000, help="samples (and real digits) scored")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -97,28 +106,37 @@ def main() -> None:
         for i, spec in enumerate(args.row):
             name, _, text = spec.partition("=")
             # fp32 unless the row says otherwise: the reference machine has no native bf16
-            row_args = ["--precision", "fp32", *without_steps(shlex.split(text))]
+            row_args = ["--precision", "fp32", *shlex.split(text)]
+            if not args.as_is:
+                row_args = without_steps(row_args)
             if args.threads:
                 torch.set_num_threads(args.threads)
             peak = matmul_peak(torch.device("cpu"), torch.float32)
             out = Path(tmp) / f"row{i}"
-            k = args.calib_steps
-            wall, rate, cfg = train([*row_args, "--steps", str(k), "--log_every", "10"], out,
-                                    args.threads)
-            step = cfg["train"]["batch_size"] / rate
-            fixed = max(0.0, wall - k * step)
-            steps = max(1, math.floor((args.budget - fixed) / step))
+            if args.as_is:
+                budget = []
+            else:
+                k = args.calib_steps
+                wall, rate, cfg = train([*row_args, "--steps", str(k), "--log_every", "10"],
+                                        out, args.threads)
+                step = cfg["train"]["batch_size"] / rate
+                fixed = max(0.0, wall - k * step)
+                budget = ["--steps", str(max(1, math.floor((args.budget - fixed) / step)))]
             command = shlex.join(["smol-diffusion", "train", "--preset", "demo", *row_args,
-                                  "--steps", str(steps)])
-            wall, rate, cfg = train([*row_args, "--steps", str(steps)], out, args.threads)
-            scores = evaluate(out / "ckpt.pt", args.n, real=False)
+                                  *budget])
+            wall, rate, cfg = train([*row_args, *budget], out, args.threads)
+            steps = cfg["train"]["steps"]
+            conditional = bool(cfg["model"]["num_classes"])
+            scores = evaluate(out / "ckpt.pt", args.n, real=False, conditional=conditional)
             size = cfg["model"]["image_size"]
             if size not in floors:
-                floors[size] = evaluate(out / "ckpt.pt", args.n, real=True)
-            row = {"name": name, "image_size": size, "steps": steps, "wall_s": round(wall, 1),
+                floors[size] = evaluate(out / "ckpt.pt", args.n, real=True, conditional=False)
+            row = {"name": name, "image_size": size, "conditional": conditional,
+                   "steps": steps, "wall_s": round(wall, 1),
                    "threads": args.threads, "img_per_s": round(rate, 1),
                    "recognisable": scores["recognisable"], "fid": scores["fid"],
                    "real_recognisable": floors[size]["recognisable"],
+                   "class_match": scores.get("class_match"),
                    "real_fid": floors[size]["fid"], "peak_gflops": round(peak, 1),
                    "command": command}
             results.append(row)
@@ -126,9 +144,10 @@ def main() -> None:
                   f"recognisable "
                   f"{row['recognisable']:.1%} (real {row['real_recognisable']:.1%})  FID "
                   f"{row['fid']:.2f} (real {row['real_fid']:.2f})  peak {peak:.0f} GFLOP/s"
-                  f"\n    {command}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+                  + (f"  class match {row['class_match']:.1%}" if conditional else "")
+                  + f"\n    {command}", flush=True)
+            if args.json:  # after every row: a long search keeps what it has
+                Path(args.json).write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
