@@ -34,9 +34,10 @@ def test_layout_cpu_times_every_convolution_and_group_norm_the_network_runs():
     """The layers layout_cpu.py times are those a forward pass runs: its convolutions' FLOPs
     add up to what torch's FLOP counter counts for them, and every GroupNorm is there."""
     found = layout_cpu.layers("demo", 2)
-    model = sd.UNet(sd.get_preset("demo").model)
+    cfg = sd.get_preset("demo").model
+    model = sd.UNet(cfg)
     with FlopCounterMode(display=False) as counter:
-        model(torch.randn(2, 1, 16, 16), torch.zeros(2, dtype=torch.long))
+        model(torch.randn(2, 1, cfg.image_size, cfg.image_size), torch.zeros(2, dtype=torch.long))
     conv_flops = counter.get_flop_counts()["Global"][torch.ops.aten.convolution]
     assert sum(f for m, _, f in found if isinstance(m, nn.Conv2d)) == conv_flops
     assert sum(isinstance(m, nn.GroupNorm) for m, _, _ in found) == \

@@ -83,7 +83,7 @@ def folder_cfg(tmp_path, n=6):
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / f"{i}.png")
     return smol_diffusion.get_preset("demo").override(
-        dataset="folder", root=str(root), image_size=4, in_channels=3,
+        dataset="folder", root=str(root), image_size=4, in_channels=3, num_classes=0,
         cache_dir=str(tmp_path / "image_cache"))
 
 

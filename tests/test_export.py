@@ -150,13 +150,14 @@ def test_the_command_line(ckpt_path, tmp_path, capsys):
 # --- diffusers --------------------------------------------------------------------------------
 
 def test_the_first_difference_from_diffusers_is_named():
-    # the demo's narrow layers: 4 GroupNorm groups at 16 channels, 8 at 32
+    # the demo's narrow layers: 2 GroupNorm groups at 8 channels, 4 at 16
     assert diffusers_mismatch(UNet(get_preset("demo").model)).startswith(
-        "GroupNorm down.2.0.norm2 has 8 groups over 32 channels and down.0.0.norm1 4 over 16")
+        "GroupNorm down.2.0.norm2 has 4 groups over 16 channels and down.0.0.norm1 2 over 8")
     assert diffusers_mismatch(UNet(get_preset("cars64").model)) is None
     patched = get_preset("cars64").override(patch_size=2, attn_resolutions=(8, 4))
     assert diffusers_mismatch(UNet(patched.model)).startswith("patch_size is 2")
-    wide = get_preset("demo").override(channels=128, channel_mults=(1, 2), attn_resolutions=(16,))
+    wide = get_preset("demo").override(image_size=16, channels=128, channel_mults=(1, 2),
+                                       attn_resolutions=(16,))
     assert "one attention_head_dim for all" in diffusers_mismatch(UNet(wide.model))
 
 
