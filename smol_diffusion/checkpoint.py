@@ -23,6 +23,12 @@ def requested_labels(n: int, num_classes: int) -> torch.Tensor:
     return torch.arange(n) % num_classes
 
 
+def class_columns(n: int, num_classes: int) -> int | None:
+    """Grid columns for n images drawn class by class (`requested_labels`): one a class, so that
+    column k holds class k, where a row holds them all; None (a square grid) otherwise."""
+    return num_classes if 0 < num_classes <= n else None
+
+
 def save_checkpoint(path: str | Path, state: dict) -> None:
     """Write `state` to `path` through a temporary file and a rename.
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_checkpoint, read_checkpoint, stored_config
+from .checkpoint import class_columns, load_checkpoint, read_checkpoint, stored_config
 from .config import (Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, all_fields,
                      parse_field)
 from .evaluate import (METRICS, SAMPLE_METRICS, default_metrics, evaluate, format_table,
@@ -197,8 +197,8 @@ def run_sample(args: argparse.Namespace) -> None:
                             for i in range(0, args.n, args.batch)])
     except ValueError as e:  # e.g. eta with a sampler other than DDIM
         raise SystemExit(f"error: {e}") from None
-    k = ckpt.config.model.num_classes  # each class in turn: a column each, where they fit
-    path = save_grid(images, args.out, k if 0 < k <= args.n and not args.labels else None)
+    path = save_grid(images, args.out, None if args.labels else
+                     class_columns(args.n, ckpt.config.model.num_classes))
     d = ckpt.config.diffusion
     steps = d.sample_steps if args.steps is None else args.steps
     print(f"{args.n} images, {args.sampler or d.sampler}, {steps} steps, "

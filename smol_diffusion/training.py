@@ -14,7 +14,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
 from .batches import DROPOUT, batch_indices, step_randomness, stream_seed, to_device
-from .checkpoint import Checkpoint, check_out_dir, resume_from, save_checkpoint
+from .checkpoint import (Checkpoint, check_out_dir, class_columns, resume_from,
+                         save_checkpoint)
 from .config import Config
 from .data import make_dataset
 from .diffusion import simple_loss
@@ -130,9 +131,9 @@ def _train(cfg: Config, progress: bool, interrupts: Interrupts, log: RunLog) -> 
 
     def write_samples() -> None:
         ckpt = Checkpoint(ema, schedule, cfg, step, history, classes)
-        # a conditional model: each class in turn, column k the k-th (Checkpoint.sample)
+        # a conditional model: each class in turn (Checkpoint.sample)
         x = ckpt.sample(tc.sample_n, generator=torch.Generator().manual_seed(tc.seed))
-        nrow = mc.num_classes if 0 < mc.num_classes <= tc.sample_n else None
+        nrow = class_columns(tc.sample_n, mc.num_classes)
         display_inline(save_grid(x, out_dir / f"samples_{step:07d}.png", nrow))
         log.image("samples", to_grid(x, nrow), step)
 

@@ -134,6 +134,13 @@ def test_conditional_training_and_guided_samples(tiny_cfg):
                                       steps=cfg.diffusion.sample_steps,
                                       sampler=cfg.diffusion.sampler,
                                       precision=cfg.train.precision, **seeded()))
+    # the command line's grid: a column per class (8 px images, 1 px padding), or square
+    out = f"{cfg.train.out_dir}/grid.png"
+    for n, labels, width in [(20, [], 10 * 9 + 1), (9, [], 3 * 9 + 1),
+                             (20, ["--labels", "3"], 4 * 9 + 1)]:
+        cli_main(["sample", "--checkpoint", f"{cfg.train.out_dir}/ckpt.pt", "--n", str(n),
+                  "--steps", "2", "--out", out, *labels])
+        assert Image.open(out).size[0] == width
     with pytest.raises(ValueError, match="num_classes=5, but the dataset has 10 classes; set "
                                          "num_classes to 10"):
         smol_diffusion.train(cfg.override(num_classes=5, overwrite=True), progress=False)
