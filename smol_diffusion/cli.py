@@ -243,7 +243,7 @@ def run_evaluate(args: argparse.Namespace) -> None:
                                       args.inception_weights, next(ckpt.model.parameters()).device)
         rows = []
         for j, g in enumerate(scales):  # bits/dim does not depend on the guidance: once
-            wanted = metrics or default_metrics(ckpt.config, extractor, g)
+            wanted = metrics or default_metrics(ckpt.config, extractor, args.real)
             wanted = tuple(m for m in wanted if m != "bpd" or j == 0)
             if not wanted:  # only bits/dim was asked for, and it is done
                 break

@@ -139,13 +139,14 @@ def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: 
 
 
 def default_metrics(cfg: Config, extractor: str | Extractor | None,
-                    guidance: float | None = None) -> tuple[str, ...]:
+                    real: bool = False) -> tuple[str, ...]:
     """All the metrics that apply: recognisable and class_match need the digit classifier,
-    class_match also a guidance scale."""
+    class_match also the samples of a conditional model (not real images)."""
     name = extractor.name if isinstance(extractor, Extractor) else extractor
     if (name or _default_extractor(cfg)) != "digits":
         return ("fid", "kid", "bpd")
-    return tuple(m for m in METRICS if m != "class_match" or guidance is not None)
+    return tuple(m for m in METRICS
+                 if m != "class_match" or (cfg.model.num_classes and not real))
 
 
 def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None = None,
@@ -182,7 +183,7 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
         raise ValueError("real images are scored as they are, with no guidance: drop guidance")
     if guidance is None and ckpt.config.model.num_classes and not real:
         guidance = 1.0  # as Checkpoint.sample draws them: each class in turn
-    metrics = metrics or default_metrics(ckpt.config, extractor, guidance)
+    metrics = metrics or default_metrics(ckpt.config, extractor, real)
     unknown = set(metrics) - set(METRICS)
     if unknown:
         raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")

@@ -13,7 +13,7 @@ from torch import nn
 import smol_diffusion
 from smol_diffusion import DataConfig, ModelConfig, NoiseSchedule, UNet, sample
 from smol_diffusion.data import DatasetError, make_dataset
-from smol_diffusion.evaluate import evaluate
+from smol_diffusion.evaluate import default_metrics, evaluate
 from smol_diffusion.features import Extractor
 from smol_diffusion.cli import main as cli_main
 from smol_diffusion.cli import parse_labels
@@ -171,6 +171,10 @@ def test_class_match_counts_samples_of_the_class_asked_for(tiny_cfg, tmp_path):
     with pytest.raises(ValueError, match="class_match scores the samples of a class-cond"):
         evaluate(ckpt, 20, metrics=("class_match",), extractor=ext, progress=False,
                  cache_dir=tmp_path / "cache", real=True)
+    # by default: class_match for a conditional model's samples, not for real images
+    assert "class_match" in default_metrics(cfg, "digits")
+    assert "class_match" not in default_metrics(cfg, "digits", real=True)
+    assert "class_match" not in default_metrics(cfg.override(num_classes=0), "digits")
 
 
 def test_evaluate_cli_builds_one_extractor_for_all_guidance_scales(tiny_cfg, tmp_path,
