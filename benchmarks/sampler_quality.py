@@ -7,10 +7,15 @@ extractor: the digit classifier for the demo) and, on digits, the share of recog
 samples, from the same n samples per row (the same seed, so the same x_T), with wall time per
 image on this machine. Then the spacings at one NFE. Prints a markdown table, writes JSON, and
 plots FID against NFE with the 1,000-step ancestral sampler as the reference line.
+
+By default both go to new dated files, benchmarks/results/sampler_quality_cpu_<date>.json and
+.png (it samples on the CPU), beside the other results; an existing file, such as a committed
+figure (assets/sampler_quality.png), is refused before any work unless --overwrite is given.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import platform
 import sys
@@ -55,12 +60,27 @@ def main() -> None:
     parser.add_argument("--nfe", default="5,10,15,20,50,100")
     parser.add_argument("--reference", default="ddpm:1000", help="sampler:NFE of the baseline")
     parser.add_argument("--spacing", default="trailing", choices=SPACINGS)
-    parser.add_argument("--spacing-nfe", type=int, default=10,
+    parser.add_argument("--spacing_nfe", "--spacing-nfe", type=int, default=10,
                         help="NFE at which every spacing is compared (0: skip)")
-    parser.add_argument("--cache-dir", default="data/cache")
-    parser.add_argument("--out", default="benchmarks/results/sampler_quality.json")
-    parser.add_argument("--plot", default="assets/sampler_quality.png")
+    parser.add_argument("--cache_dir", "--cache-dir", default="data/cache")
+    parser.add_argument("--out", default=None, help="JSON file (default: "
+                        "benchmarks/results/sampler_quality_cpu_<today>.json, a new file)")
+    parser.add_argument("--plot", default=None,
+                        help="PNG file for the plot (default: --out with .png in place of .json)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out and --plot if they exist (else: refused at once)")
     args = parser.parse_args()
+    # Samples on the CPU (below), so the machine in the name is "cpu": benchmarks/README.md's
+    # <script>_<machine>_<date> naming, never a committed figure unless asked for by name.
+    out = Path(args.out or f"benchmarks/results/sampler_quality_cpu_{datetime.date.today()}.json")
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    existing = [str(p) for p in (out, plot) if p.exists()]
+    if existing and not args.overwrite:
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise SystemExit(f"error: {' and '.join(existing)} {verb} already; pass --out and "
+                         "--plot naming new files, or --overwrite to replace them")
+    for path in (out, plot):  # a missing folder fails now, not after the run
+        path.parent.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(args.checkpoint, device="cpu")
     samplers = args.samplers.split(",")
     ref_sampler, ref_nfe = args.reference.split(":")
@@ -90,8 +110,8 @@ def main() -> None:
     print(f"\nreference {ref['sampler']} at {ref['nfe']} NFE: FID {ref['fid']:.2f}; within 10% "
           "at <= 15 NFE: " + (", ".join(f"{r['sampler']}@{r['nfe']} ({r['spacing']}) "
                                         f"{r['fid']:.2f}" for r in within) or "none"))
-    Path(args.out).write_text(json.dumps({"checkpoint": args.checkpoint, "step": ckpt.step,
-                                          "rows": rows}, indent=1) + "\n")
+    out.write_text(json.dumps({"checkpoint": args.checkpoint, "step": ckpt.step, "rows": rows},
+                              indent=1) + "\n")
     fig, ax = plt.subplots(figsize=(6, 4))
     for sampler in samplers:
         pts = [(r["nfe"], r["fid"]) for r in rows[1:]
@@ -106,8 +126,8 @@ def main() -> None:
            title=f"{Path(args.checkpoint).parent.name}: FID vs NFE")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(args.plot, dpi=120)
-    print(f"-> {args.out}, {args.plot}")
+    fig.savefig(plot, dpi=120)
+    print(f"-> {out}, {plot}")
 
 
 if __name__ == "__main__":
