@@ -1,14 +1,18 @@
-"""Checkpoints: written atomically, loaded safely, able to rebuild their own model."""
+"""Checkpoints: written atomically, loaded safely (a training checkpoint, or an export of one:
+export.py writes those), able to rebuild their own model."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_safetensors
 
-from .config import Config, DiffusionConfig, ModelConfig, TrainConfig
+from .config import Config, DiffusionConfig, ModelConfig
 from .files import shown, write_temp
 from .hardware import pick_device
 from .samplers import sample
@@ -16,11 +20,25 @@ from .schedule import NoiseSchedule
 from .unet import UNet
 
 REQUIRED_KEYS = ("model", "ema", "optimizer", "step", "config")
+# An export (export.py): the EMA weights as safetensors and the rest as JSON, in one folder.
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+FORMAT, VERSION = "smol_diffusion.export", 1
+HOW = "smol-diffusion export --checkpoint CKPT --out FOLDER"
 
 
-def requested_labels(n: int, num_classes: int) -> torch.Tensor:
-    """The classes a conditional model is asked for by default: 0, 1, ..., K-1, 0, 1, ..."""
-    return torch.arange(n) % num_classes
+def requested_labels(n: int, num_classes: int,
+                     labels: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+    """The classes n images of a conditional model are asked for, in order: `labels` repeated
+    in turn ([7]: all sevens), by default each class in turn, 0, 1, ..., K-1, 0, 1, ... The one
+    rule for it: a grid's columns (`class_columns`), batches (`Checkpoint.sample`) and
+    class_match (evaluate.py) all follow it."""
+    if labels is None:
+        return torch.arange(n) % num_classes
+    labels = torch.as_tensor(labels, dtype=torch.long).flatten()
+    if not 0 < len(labels) <= n:
+        raise ValueError(f"{len(labels)} labels for {n} images; give at most one per image "
+                         "(fewer are repeated in turn)")
+    return labels.repeat(-(-n // len(labels)))[:n]
 
 
 def class_columns(n: int, num_classes: int) -> int | None:
@@ -91,29 +109,64 @@ def read_checkpoint(path: str | Path) -> dict:
     return state
 
 
-def check_out_dir(tc: TrainConfig) -> None:
-    """Refuse, before any work, a run that would replace a checkpoint it does not continue:
-    a new run into a folder holding one, or a resume into a folder holding another (unless
-    `overwrite`)."""
+def check_out_dir(cfg: Config) -> dict | None:
+    """Before any work, what out_dir's checkpoint means for this run: None where the run may go
+    ahead (no checkpoint there, a resume of that one, or `overwrite`); the checkpoint's state
+    where it holds this very run, finished (the same settings, `changed_fields`, and at least
+    `steps` steps): there is nothing to train. Anything else would replace a checkpoint this run
+    does not continue, and is refused with a ValueError that says how to go on from it."""
+    tc = cfg.train
     ours = Path(tc.out_dir) / "ckpt.pt"  # what this run writes
     if not ours.is_file() or tc.overwrite:
-        return
-    if not tc.resume:
+        return None
+    if tc.resume:
+        if Path(tc.resume).is_file() and not ours.samefile(tc.resume):
+            beside = Path(tc.resume).parent
+            there = "" if beside.resolve() == ours.parent.resolve() else f" ({beside}: beside it)"
+            raise ValueError(f"resuming {tc.resume} would overwrite {shown(ours)}, another "
+                             f"checkpoint; move that one away, or set out_dir to another "
+                             f"folder{there}")
+        return None
+    fresh = "start a new run in another --out_dir, or --overwrite true replaces it"
+    try:
+        state = read_checkpoint(ours)
+        changed = changed_fields(stored_config(state, ours), cfg)
+    except ValueError as e:
         raise ValueError(f"{shown(ours)} already holds a checkpoint, which this new run would "
-                         f"replace; continue that run with --resume {shown(ours)} "
-                         f"(resume='{shown(ours)}'), or start a new one in another --out_dir; "
-                         "--overwrite true replaces it")
-    if Path(tc.resume).is_file() and not ours.samefile(tc.resume):
-        beside = Path(tc.resume).parent
-        there = "" if beside.resolve() == ours.parent.resolve() else f" ({beside}: beside it)"
-        raise ValueError(f"resuming {tc.resume} would overwrite {shown(ours)}, another "
-                         f"checkpoint; move that one away, or set out_dir to another "
-                         f"folder{there}")
+                         f"replace, and it cannot be read ({e}); {fresh}") from None
+    step, resume = int(state["step"]), f"--resume {shown(ours)} (resume='{shown(ours)}')"
+    if not changed and step >= tc.steps:
+        return state
+    if not changed:
+        raise ValueError(f"{shown(ours)} holds this run, stopped at step {step} of {tc.steps}; "
+                         f"continue it with {resume}, or {fresh}")
+    differ = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in changed.items())
+    fixed = [k for k in changed if k in OBJECTIVE_FIELDS or k in _MODEL_FIELDS]
+    if fixed:  # a resume cannot change these (check_same_model)
+        raise ValueError(f"{shown(ours)} already holds a checkpoint of another model or task "
+                         f"({differ}), which this new run would replace; {fresh}")
+    raise ValueError(f"{shown(ours)} already holds a checkpoint with other settings ({differ}, "
+                     f"at step {step}), which this new run would replace; go on from it with "
+                     f"these settings with {resume}, or {fresh}")
+
+
+# Where a run writes and whether it starts anew: they say nothing of what it trains.
+RUN_FIELDS = ("out_dir", "resume", "overwrite")
+
+
+def changed_fields(stored: Config, cfg: Config) -> dict[str, tuple]:
+    """{field: (stored value, cfg's value)} for each setting, but RUN_FIELDS, that differs."""
+    def flat(c: Config) -> dict:
+        return {k: v for section in dataclasses.asdict(c).values() for k, v in section.items()}
+
+    a, b = flat(stored), flat(cfg)
+    return {k: (a[k], b[k]) for k in b if k not in RUN_FIELDS and a[k] != b[k]}
 
 
 # The diffusion fields that define what the network learns (the forward process and the
 # target); the loss weighting (min_snr_gamma) and the sampling ones may change.
 OBJECTIVE_FIELDS = ("T", "schedule", "zero_terminal_snr", "prediction")
+_MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig))
 
 
 def check_same_model(state: dict, cfg: Config, path: str | Path) -> None:
@@ -177,23 +230,31 @@ class Checkpoint:
     classes: list[str] | None = None
 
     def sample(self, n: int, *, generator: torch.Generator | None = None,
-               steps: int | None = None, **kwargs) -> torch.Tensor:
-        """n images in [-1, 1] from the EMA model. The sampler, steps, spacing, variance and
-        prediction default to the config's, and so does the precision (the one training used:
-        `autocast_dtype`); other keywords go to `smol_diffusion.sample` (`labels=`,
-        `guidance=` for a conditional model, `progress=True` for a progress bar). A conditional
-        model is asked for each class in turn unless `labels` are given (`requested_labels`;
-        `guidance=0` for unconditional samples)."""
+               steps: int | None = None, batch_size: int | None = None,
+               labels: torch.Tensor | list[int] | None = None, **kwargs) -> torch.Tensor:
+        """n images (n, C, H, W) in [-1, 1] from the EMA model, `batch_size` at a time (default:
+        all at once). The sampler, steps, spacing, variance and prediction default to the
+        config's, and so does the precision (the one training used: `autocast_dtype`); other
+        keywords go to `smol_diffusion.sample` (`guidance=` for a conditional model, `noise=`,
+        `progress=True` for a progress bar). A conditional model is asked for `labels` repeated
+        in turn, by default each class in turn, over all n images whatever the batches
+        (`requested_labels`; `guidance=0` for unconditional samples)."""
         m, d = self.config.model, self.config.diffusion
-        if m.num_classes and kwargs.get("labels") is None:
-            kwargs["labels"] = requested_labels(n, m.num_classes)
+        if m.num_classes or labels is not None:  # unconditional with labels: sample() says why
+            labels = requested_labels(n, m.num_classes, labels)
+        if batch_size and batch_size < n:  # each batch its share of the labels and x_T
+            noise = kwargs.pop("noise", None)
+            return torch.cat([self.sample(
+                min(batch_size, n - i), generator=generator, steps=steps, **kwargs,
+                **{k: v[i:i + batch_size] for k, v in (("labels", labels), ("noise", noise))
+                   if v is not None}) for i in range(0, n, batch_size)])
         for name in ("sampler", "spacing", "variance", "prediction"):
             kwargs.setdefault(name, getattr(d, name))
         kwargs.setdefault("precision", self.config.train.precision)
         if kwargs.get("timesteps") is None and steps is None:
             steps = d.sample_steps
         return sample(self.model, self.schedule, (n, m.in_channels, m.image_size, m.image_size),
-                      steps=steps, generator=generator, **kwargs)
+                      steps=steps, generator=generator, labels=labels, **kwargs)
 
 
 def stored_config(state: dict, path: str | Path) -> Config:
@@ -212,7 +273,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> Ch
     An export has no training history (`history` is {})."""
     path = Path(path)
     if path.is_dir() or path.suffix == ".safetensors":  # an export: safetensors and JSON only
-        from .export import read_export  # here, not above: export.py imports this module
         state, path = read_export(path)  # later errors name the weights file
     else:
         state = read_checkpoint(path)
@@ -224,3 +284,49 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "auto") -> Ch
                                        cfg.diffusion.zero_terminal_snr)
     return Checkpoint(model, schedule, cfg, int(state["step"]), state.get("history", {}),
                       state.get("classes"))
+
+
+def read_export(path: str | Path) -> tuple[dict, Path]:
+    """The state of an export (its folder, or its model.safetensors) shaped like a checkpoint's
+    (`ema`, `config`, `step`, `classes`), and its weights file, which later errors name. No
+    pickle is read: the weights are safetensors, the rest JSON."""
+    path = Path(path)
+    weights = path if path.suffix == ".safetensors" else path / WEIGHTS
+    config = weights.parent / CONFIG
+    if not weights.is_file():
+        hint = ""
+        if (path / "ckpt.pt").is_file():
+            hint = f"; it holds {shown(path / 'ckpt.pt')}, a training checkpoint: load that"
+        raise FileNotFoundError(f"no exported weights at {shown(weights)}{hint}; an export is a "
+                                f"folder holding {WEIGHTS} and {CONFIG}, written by {HOW}")
+    if not config.is_file():
+        raise FileNotFoundError(f"no {CONFIG} beside {shown(weights)}: it holds the model's "
+                                f"settings, without which the weights cannot be used; export "
+                                f"the checkpoint again ({HOW})")
+    try:
+        meta = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, OSError) as e:
+        raise ValueError(f"could not read {shown(config)}: {e}; export the checkpoint again "
+                         f"({HOW})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        diffusers = isinstance(meta, dict) and "_class_name" in meta
+        what = " (a diffusers one: load it with diffusers)" if diffusers else ""
+        raise ValueError(f"{shown(config)} is not a smol_diffusion export's config{what}; "
+                         f"export a checkpoint with {HOW}")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{shown(config)} is export version {meta.get('version')!r}, and this "
+                         f"smol_diffusion reads version {VERSION}; use the version that wrote it")
+    data = weights.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
+        raise ValueError(f"{shown(weights)} is not the file {shown(config)} was written with "
+                         "(changed since, damaged, or an export interrupted while replacing "
+                         f"it); export the checkpoint again ({HOW})")
+    try:
+        ema = load_safetensors(data)
+    except Exception as e:  # safetensors' own error type varies between its releases
+        raise ValueError(f"could not read {shown(weights)}: {e}") from None
+    state = {"ema": ema, "config": meta.get("config"), "step": meta.get("step", 0),
+             "classes": meta.get("classes")}
+    check_finite(state, weights, "refusing to load")
+    stored_config(state, config)  # a config this version cannot build: the error names the file
+    return state, weights

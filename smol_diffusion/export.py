@@ -18,20 +18,17 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
-from .checkpoint import Checkpoint, check_finite, load_checkpoint, stored_config
+from .checkpoint import (CONFIG, FORMAT, VERSION, WEIGHTS, Checkpoint, check_finite,
+                         load_checkpoint)
 from .files import shown, write_temp
 from .unet import Attention, ResBlock, UNet
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
-FORMAT, VERSION = "smol_diffusion.export", 1
 # The diffusers release whose file layout the diffusers export follows (checked against it by
 # tests/test_export.py); diffusers reads this field to adapt configs written by old releases.
 DIFFUSERS_VERSION = "0.42.1"
-HOW = "smol-diffusion export --checkpoint CKPT --out FOLDER"
 
 
 def export_weights(checkpoint: Checkpoint | str | Path, out_dir: str | Path, *,
@@ -63,52 +60,6 @@ def export_diffusers(checkpoint: Checkpoint | str | Path, out_dir: str | Path, *
     out_dir = Path(out_dir)
     _write(_diffusers_files(ckpt, out_dir), overwrite)
     return out_dir
-
-
-def read_export(path: str | Path) -> tuple[dict, Path]:
-    """The state of an export (its folder, or its model.safetensors) shaped like a checkpoint's
-    (`ema`, `config`, `step`, `classes`), and its weights file, which later errors name. No
-    pickle is read: the weights are safetensors, the rest JSON."""
-    path = Path(path)
-    weights = path if path.suffix == ".safetensors" else path / WEIGHTS
-    config = weights.parent / CONFIG
-    if not weights.is_file():
-        hint = ""
-        if (path / "ckpt.pt").is_file():
-            hint = f"; it holds {shown(path / 'ckpt.pt')}, a training checkpoint: load that"
-        raise FileNotFoundError(f"no exported weights at {shown(weights)}{hint}; an export is a "
-                                f"folder holding {WEIGHTS} and {CONFIG}, written by {HOW}")
-    if not config.is_file():
-        raise FileNotFoundError(f"no {CONFIG} beside {shown(weights)}: it holds the model's "
-                                f"settings, without which the weights cannot be used; export "
-                                f"the checkpoint again ({HOW})")
-    try:
-        meta = json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, OSError) as e:
-        raise ValueError(f"could not read {shown(config)}: {e}; export the checkpoint again "
-                         f"({HOW})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        diffusers = isinstance(meta, dict) and "_class_name" in meta
-        what = " (a diffusers one: load it with diffusers)" if diffusers else ""
-        raise ValueError(f"{shown(config)} is not a smol_diffusion export's config{what}; "
-                         f"export a checkpoint with {HOW}")
-    if meta.get("version") != VERSION:
-        raise ValueError(f"{shown(config)} is export version {meta.get('version')!r}, and this "
-                         f"smol_diffusion reads version {VERSION}; use the version that wrote it")
-    data = weights.read_bytes()
-    if hashlib.sha256(data).hexdigest() != meta.get("weights_sha256"):
-        raise ValueError(f"{shown(weights)} is not the file {shown(config)} was written with "
-                         "(changed since, damaged, or an export interrupted while replacing "
-                         f"it); export the checkpoint again ({HOW})")
-    try:
-        ema = load_safetensors(data)
-    except Exception as e:  # safetensors' own error type varies between its releases
-        raise ValueError(f"could not read {shown(weights)}: {e}") from None
-    state = {"ema": ema, "config": meta.get("config"), "step": meta.get("step", 0),
-             "classes": meta.get("classes")}
-    check_finite(state, weights, "refusing to load")
-    stored_config(state, config)  # a config this version cannot build: the error names the file
-    return state, weights
 
 
 def diffusers_mismatch(model: UNet) -> str | None:

@@ -19,6 +19,7 @@ from smol_diffusion import load_checkpoint
 from smol_diffusion.checkpoint import read_checkpoint, save_checkpoint
 from smol_diffusion.files import lock_folder
 from smol_diffusion.interrupts import Interrupts
+from smol_diffusion.runlog import read_log
 from smol_diffusion.training import TrainingDiverged
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,16 +28,56 @@ ONE_THREAD = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # t
 
 # --- a run owns its folder ------------------------------------------------------------------
 
-def test_a_new_run_into_a_folder_with_a_checkpoint_is_refused(tiny_cfg, tmp_path):
+def test_a_finished_run_run_again_has_nothing_to_do(tiny_cfg, tmp_path, capsys):
+    """The same settings into a folder holding their finished run: its history, untouched."""
+    cfg = tiny_cfg.override(steps=3, sample_n=0)
+    history = smol_diffusion.train(cfg, progress=False)
+    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
+    capsys.readouterr()
+    again = smol_diffusion.train(cfg.override(out_dir=str(tmp_path / "run") + "/"),
+                                 progress=False)
+    assert again == history and again["step"] == [3]
+    assert "ckpt.pt holds this run, finished at step 3: nothing to train" in capsys.readouterr().out
+    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    assert len(read_log(tmp_path / "run")["start"]) == 1  # no second run was logged
+
+
+def test_a_new_run_into_a_folder_with_another_checkpoint_is_refused(tiny_cfg, tmp_path):
+    """Anything but the finished run itself is refused, saying how to go on from it."""
     cfg = tiny_cfg.override(steps=3, sample_n=0)
     smol_diffusion.train(cfg, progress=False)
-    before = (tmp_path / "run" / "ckpt.pt").read_bytes()
-    with pytest.raises(ValueError, match=r"already holds a checkpoint.*--resume .*ckpt.pt.*"
-                                         r"another --out_dir; --overwrite true replaces it"):
-        smol_diffusion.train(cfg.override(steps=5), progress=False)
-    assert (tmp_path / "run" / "ckpt.pt").read_bytes() == before
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    before = ckpt.read_bytes()
+    with pytest.raises(ValueError, match=r"already holds a checkpoint with other settings "
+                                         r"\(steps: 3 there, 5 here, lr: 0.004 there, 0.001 here, "
+                                         r"at step 3\).*go on from it with these settings with "
+                                         r"--resume .*ckpt.pt.*another --out_dir, or --overwrite "
+                                         r"true replaces it"):
+        smol_diffusion.train(cfg.override(steps=5, lr=1e-3), progress=False)
+    with pytest.raises(ValueError, match=r"already holds a checkpoint of another model or task "
+                                         r"\(channels: 16 there, 8 here\).*another --out_dir, or "
+                                         r"--overwrite true replaces it"):
+        smol_diffusion.train(cfg.override(channels=8), progress=False)
+    assert ckpt.read_bytes() == before
     smol_diffusion.train(cfg.override(steps=5, overwrite=True), progress=False)
-    assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 5
+    assert load_checkpoint(ckpt).step == 5
+
+
+def test_a_stopped_or_unreadable_checkpoint_is_not_replaced(tiny_cfg, tmp_path, monkeypatch):
+    cfg = tiny_cfg.override(steps=3, sample_n=0)
+    smol_diffusion.train(cfg, progress=False)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    state = read_checkpoint(ckpt)
+    save_checkpoint(ckpt, state | {"step": 2})  # as an interrupted run leaves it
+    with pytest.raises(ValueError, match=r"holds this run, stopped at step 2 of 3; continue it "
+                                         r"with --resume .*ckpt.pt"):
+        smol_diffusion.train(cfg, progress=False)
+    ckpt.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"(?s)ckpt.pt already holds a checkpoint, which this "
+                                         r"new run would replace, and it cannot be read \(could "
+                                         r"not read .*--overwrite true replaces it"):
+        smol_diffusion.train(cfg, progress=False)
+    assert ckpt.read_bytes() == b"not a checkpoint"
 
 
 def test_a_second_live_run_in_a_folder_is_refused_and_a_killed_one_blocks_nothing(tiny_cfg,
@@ -64,7 +105,7 @@ def test_a_second_live_run_in_a_folder_is_refused_and_a_killed_one_blocks_nothin
 
 def test_an_output_folder_that_cannot_be_written_stops_the_run_before_it_trains(
         tiny_cfg, tmp_path, monkeypatch, read_only_disk):
-    monkeypatch.setattr(sys.modules["smol_diffusion.training"], "make_dataset",
+    monkeypatch.setattr(sys.modules["smol_diffusion.trainstate"], "make_dataset",
                         lambda *a: pytest.fail("the dataset was built"))
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="cannot write to the output folder .*file/run .*choose "
@@ -149,7 +190,7 @@ def test_an_error_outside_an_update_keeps_the_steps_trained(tiny_cfg, tmp_path, 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(sys.modules["smol_diffusion.training"], "save_grid", out_of_memory)
+    monkeypatch.setattr(sys.modules["smol_diffusion.trainstate"], "save_grid", out_of_memory)
     with pytest.raises(RuntimeError, match="out of memory"):
         smol_diffusion.train(tiny_cfg.override(checkpoint_every=0), progress=False)
     assert load_checkpoint(tmp_path / "run" / "ckpt.pt").step == 20
@@ -238,8 +279,9 @@ def test_an_interrupt_returns_the_history_and_resume_goes_on_exactly(tiny_cfg, t
 def test_a_second_ctrl_c_during_that_save_waits_for_it(tiny_cfg, tmp_path, monkeypatch):
     """Ctrl-C at step 7, and again in the middle of the checkpoint it writes: the save
     completes, and train returns."""
-    train_module = sys.modules["smol_diffusion.training"]
-    real_lr, real_save = train_module.lr_at, train_module.save_checkpoint
+    train_module, state_module = (sys.modules[f"smol_diffusion.{name}"]
+                                  for name in ("training", "trainstate"))
+    real_lr, real_save = train_module.lr_at, state_module.save_checkpoint
 
     def lr_then_interrupt(step, tc):
         if step == 7:
@@ -253,7 +295,7 @@ def test_a_second_ctrl_c_during_that_save_waits_for_it(tiny_cfg, tmp_path, monke
         real_save(path, state)
 
     monkeypatch.setattr(train_module, "lr_at", lr_then_interrupt)
-    monkeypatch.setattr(train_module, "save_checkpoint", save_interrupted)
+    monkeypatch.setattr(state_module, "save_checkpoint", save_interrupted)
     history = smol_diffusion.train(tiny_cfg.override(sample_n=0, checkpoint_every=0),
                                    progress=False)
     assert history["step"][-1] == 7

@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 
 
 def test_each_reading_and_evaluation_is_a_row(tiny_cfg, monkeypatch):
-    train_module = sys.modules["smol_diffusion.training"]
+    train_module = sys.modules["smol_diffusion.trainstate"]
     monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: [
         {"metric": "fid", "value": 12.5}, {"metric": "kid", "value": 0.01}])
     monkeypatch.setattr(train_module, "get_extractor", lambda *a, **k: None)

@@ -19,7 +19,7 @@ from smol_diffusion.training import ema_decay_at, lr_at
 def test_overfits_a_few_images(tiny_cfg, monkeypatch):
     """Four fixed images: the loss at low noise levels falls by a large factor."""
     images = torch.randint(0, 256, (4, 1, 8, 8), dtype=torch.uint8).repeat(64, 1, 1, 1)
-    monkeypatch.setattr(sys.modules["smol_diffusion.training"], "make_dataset",
+    monkeypatch.setattr(sys.modules["smol_diffusion.trainstate"], "make_dataset",
                         lambda *a: TensorImages(images))
     cfg = tiny_cfg.override(steps=300, lr=3e-3, warmup=20, log_every=20, sample_every=0,
                             checkpoint_every=0, sample_n=0, ema_decay=0.99)
