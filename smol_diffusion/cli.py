@@ -14,6 +14,7 @@ import argparse
 import inspect
 import json
 import re
+import sys
 import time
 from pathlib import Path
 
@@ -25,13 +26,13 @@ from .config import (Config, DataConfig, DiffusionConfig, ModelConfig, TrainConf
 from .evaluate import (METRICS, SAMPLE_METRICS, default_metrics, evaluate, format_table,
                        get_extractor)
 from .export import export_weights
-from .files import shown
+from .files import check_output, shown
 from .hardware import PRECISIONS, distributed_env
 from .presets import PRESETS, get_preset
 from .samplers import SAMPLERS
 from .schedule import SPACINGS
 from .training import TrainingDiverged, train
-from .viz import save_grid
+from .viz import GRID_SUFFIXES, save_grid
 
 PROG = "smol-diffusion"
 METAVARS = {"int": "N", "float": "X", "bool": "BOOL", "str": "TEXT", "tuple[int, ...]": "N,N"}
@@ -96,7 +97,7 @@ def train_config(args: argparse.Namespace) -> Config:
 
 def parse_train(argv: list[str]) -> Config:
     """The Config that `smol-diffusion train ARGV` trains (see `train_config`)."""
-    return train_config(_parser().parse_args(["train", *argv]))
+    return train_config(_parse(["train", *argv]))
 
 
 def _error_text(e: Exception) -> str:
@@ -156,8 +157,8 @@ def _sample_parser(parser: argparse.ArgumentParser) -> None:
                         help="autocast precision (default: the checkpoint's, as in training)")
 
 
-def parse_labels(text: str, classes: list[str] | None, n: int) -> torch.Tensor:
-    """n labels from "7" or "0,1,2" or class names ("BMW M3 Coupe 2012"), repeated in turn."""
+def parse_labels(text: str, classes: list[str] | None) -> list[int]:
+    """Class indices from "7" or "0,1,2" or class names ("BMW M3 Coupe 2012")."""
     if not classes:
         raise ValueError("--labels needs a class-conditional checkpoint (trained with "
                          "num_classes > 0); this one is unconditional")
@@ -171,7 +172,7 @@ def parse_labels(text: str, classes: list[str] | None, n: int) -> torch.Tensor:
         else:
             raise ValueError(f"no class named {token!r}; classes are indices 0..{len(classes) - 1}"
                              f" or names such as {', '.join(classes[:3])}")
-    return torch.tensor(wanted).repeat(n // len(wanted) + 1)[:n]
+    return wanted
 
 
 def run_sample(args: argparse.Namespace) -> None:
@@ -180,8 +181,9 @@ def run_sample(args: argparse.Namespace) -> None:
         raise SystemExit("error: --n and --batch must be at least 1")
     try:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
-        raise SystemExit(f"error: {e}") from None
+        check_output(args.out, "--out", suffixes=GRID_SUFFIXES)
+    except (ValueError, OSError) as e:  # bad input: the message says how to fix it
+        raise SystemExit(f"error: {_error_text(e)}") from None
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     options = {k: v for k, v in [("sampler", args.sampler), ("spacing", args.spacing),
@@ -189,12 +191,9 @@ def run_sample(args: argparse.Namespace) -> None:
     if args.guidance != 1.0:
         options["guidance"] = args.guidance
     try:
-        labels = parse_labels(args.labels, ckpt.classes, args.n) if args.labels else None
-        images = torch.cat([ckpt.sample(min(args.batch, args.n - i), generator=gen,
-                                        steps=args.steps, progress=True, **options,
-                                        **({} if labels is None else
-                                           {"labels": labels[i:i + args.batch]}))
-                            for i in range(0, args.n, args.batch)])
+        labels = parse_labels(args.labels, ckpt.classes) if args.labels else None
+        images = ckpt.sample(args.n, batch_size=args.batch, labels=labels, generator=gen,
+                             steps=args.steps, progress=True, **options)
     except ValueError as e:  # e.g. eta with a sampler other than DDIM
         raise SystemExit(f"error: {e}") from None
     path = save_grid(images, args.out, None if args.labels else
@@ -212,27 +211,33 @@ def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
                              "apply; recognisable needs the digits extractor)")
     parser.add_argument("--extractor", choices=["digits", "inception"], default=None,
                         help="default: digits for the embedded digits, else inception")
-    parser.add_argument("--inception-weights", default=None,
+    parser.add_argument("--inception_weights", default=None,
                         help="path of the FID Inception weights (default: torch hub's cache)")
-    parser.add_argument("--bpd-n", type=int, default=500, help="held-out images for bits/dim")
+    parser.add_argument("--bpd_n", type=int, default=500, help="held-out images for bits/dim")
     parser.add_argument("--real", action="store_true",
                         help="score n real training images instead of samples (the floor)")
     parser.add_argument("--guidance", default=None,
                         help="conditional models: comma-separated guidance scales, e.g. 0,1,2,4 "
                              "(default 1); each class is asked for in turn, and class_match "
                              "scored")
-    parser.add_argument("--cache-dir", default="data/cache")
+    parser.add_argument("--cache_dir", default="data/cache",
+                        help="the digit classifier and reference statistics are cached here")
     parser.add_argument("--out", default=None,
-                        help="JSON file for the results (default: eval.json beside the checkpoint)")
+                        help="JSON file for the results (default: eval.json beside the "
+                             "checkpoint, or in the export's folder)")
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
     """FID, KID, recognisability and bits/dim of a checkpoint: a table, and a JSON file."""
     if args.bpd_n < 1:
-        raise SystemExit(f"error: --bpd-n, the held-out images for bits/dim, must be at least 1; "
+        raise SystemExit(f"error: --bpd_n, the held-out images for bits/dim, must be at least 1; "
                          f"got {args.bpd_n}")
+    folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else \
+        Path(args.checkpoint).parent  # an export's folder, or a ckpt.pt's
+    out = Path(args.out or folder / "eval.json")
     try:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
+        check_output(out, "--out")  # before the evaluation, not after it
         metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
         scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
         extractor = args.extractor
@@ -253,13 +258,16 @@ def run_evaluate(args: argparse.Namespace) -> None:
                 spacing=args.spacing, real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
                 seed=args.seed, cache_dir=args.cache_dir,
                 inception_weights=args.inception_weights, guidance=g, progress=True)
-    except (ValueError, FileNotFoundError) as e:  # bad input: the message says how to fix it
-        raise SystemExit(f"error: {e}") from None
+    except (ValueError, OSError) as e:  # bad input: the message says how to fix it
+        raise SystemExit(f"error: {_error_text(e)}") from None
     print(format_table(rows))
-    out = Path(args.out or Path(args.checkpoint).with_name("eval.json"))
-    out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": ckpt.step,
-                               "results": rows}, indent=1) + "\n")
-    print(f"-> {out}")
+    try:
+        out.write_text(json.dumps({"checkpoint": str(args.checkpoint), "step": ckpt.step,
+                                   "results": rows}, indent=1) + "\n")
+    except OSError as e:  # the disk filled, say, since it was checked: the table is above
+        raise SystemExit(f"error: cannot write {shown(out)} ({e.strerror}); the results are "
+                         "in the table above") from None
+    print(f"-> {shown(out)}")
 
 
 def _export_parser(parser: argparse.ArgumentParser) -> None:
@@ -301,7 +309,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def underscored(argv: list[str]) -> list[str]:
+    """The options in argv spelled with underscores, as `--help` shows them: every multi-word
+    flag takes both spellings (`--cache-dir` and `--cache_dir`, `--out-dir=x` and `--out_dir=x`);
+    values are left as they are."""
+    return [re.sub(r"^--[^=]+", lambda m: m[0][:2] + m[0][2:].replace("-", "_"), a) for a in argv]
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    return _parser().parse_args(underscored(argv))
+
+
 def main(argv: list[str] | None = None) -> None:
     """The entry point of `smol-diffusion` and `python -m smol_diffusion`."""
-    args = _parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else argv)
     COMMANDS[args.command][1](args)

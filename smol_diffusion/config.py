@@ -332,19 +332,19 @@ def parse_field(name: str, value):
         return int(number)
 
 
-def overrides_from(value: dict | str | None) -> dict:
-    """The notebook's `overrides` parameter as a dict of field changes: a dict, or its JSON
-    text (`papermill -p overrides '{"steps": 10}'` passes text); None means none."""
-    example = '{"steps": 2000, "lr": 1e-4}'
+def overrides_from(value: dict | str | None, name: str = "overrides",
+                   example: str = '{"steps": 2000, "lr": 1e-4}') -> dict:
+    """A notebook parameter that holds a dict (`overrides`, `evaluation`) as a dict: a dict, or
+    its JSON text (`papermill -p overrides '{"steps": 10}'` passes text); None means none."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
-            raise ValueError(f"overrides {value!r} is not JSON ({e}); write a dict such as "
+            raise ValueError(f"{name} {value!r} is not JSON ({e}); write a dict such as "
                              f"{example}") from None
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ValueError(f"overrides must be a dict of config fields or its JSON text, such as "
-                         f"{example}; got {value!r} ({type(value).__name__})")
+        raise ValueError(f"{name} must be a dict or its JSON text, such as {example}; got "
+                         f"{value!r} ({type(value).__name__})")
     return dict(value)

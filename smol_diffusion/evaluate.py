@@ -190,7 +190,7 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     if n < 2 or batch_size < 1:
         raise ValueError(f"n must be at least 2 and batch_size at least 1; got {n}, {batch_size}")
     if "bpd" in metrics and not real and bpd_n < 1:
-        raise ValueError(f"bpd_n (--bpd-n), the held-out images for bits/dim, must be at least 1; "
+        raise ValueError(f"bpd_n (--bpd_n), the held-out images for bits/dim, must be at least 1; "
                          f"got {bpd_n}")
     cfg, device = ckpt.config, next(ckpt.model.parameters()).device
     sampler, spacing = sampler or cfg.diffusion.sampler, spacing or cfg.diffusion.spacing

@@ -143,7 +143,7 @@ def inception_extractor(weights: str | Path | None = None,
     if not path.is_file():
         raise FileNotFoundError(
             f"no FID Inception weights at {path}. Download {FID_WEIGHTS_URL} on a machine with "
-            f"internet, then put the file at {path} or pass its path (--inception-weights). "
+            f"internet, then put the file at {path} or pass its path (--inception_weights). "
             "Offline on the digits, use the 'digits' extractor instead.")
     net = FIDInception()
     try:

@@ -92,6 +92,32 @@ def write_temp(path: Path, write: Callable[[BinaryIO], object], what: str,
     return tmp
 
 
+def check_output(path: str | Path, flag: str, suffixes: set[str] | None = None) -> None:
+    """Check, before the work that ends by writing the file at `path` (the value of option
+    `flag`), that it can be written: a file name (ending in one of `suffixes`, where given),
+    not a folder; its folder made where missing, and writable. Raises a ValueError or OSError
+    that names the path and the fix."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {shown(path)} is a folder; give the path of a file")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ValueError(f"{flag} {shown(path)} does not end in a file type such as "
+                         f"{', '.join(sorted(suffixes))}, which says how to write it; e.g. "
+                         f"{shown(path)}.png")
+    above = next(p for p in path.parents if p.exists() or p == Path(p.anchor))
+    if not above.is_dir():
+        raise ValueError(f"{flag} {shown(path)}: {shown(above)} is a file, not a folder; choose "
+                         "another path")
+    probe = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        open(probe, "xb").close()
+    except OSError as e:
+        raise OSError(e.errno, f"cannot write {flag} {shown(path)} ({e.strerror}); choose "
+                      "another path") from None
+    probe.unlink()
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` runs on this machine."""
     try:

@@ -16,6 +16,10 @@ from .samplers import SAMPLERS
 from .schedule import NoiseSchedule
 
 
+# The file types a grid is written as (by Pillow, which reads the type from the suffix).
+GRID_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+
+
 def to_grid(images: torch.Tensor, nrow: int | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] as one (C, H', W') grid in [0, 1], `nrow` a row."""
     nrow = nrow or max(1, round(len(images) ** 0.5))
@@ -132,7 +136,7 @@ def explore(ckpt, n: int = 16):
 
     def draw(_=None) -> None:
         v = {name: c.value for name, c in controls.items()}
-        extra = {"labels": [v["label"]] * n, "guidance": v["guidance"]} if ckpt.classes else {}
+        extra = {"labels": [v["label"]], "guidance": v["guidance"]} if ckpt.classes else {}
         with out:
             out.clear_output(wait=True)
             x = ckpt.sample(n, sampler=v["sampler"], steps=v["steps"], progress=True,

@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny configuration that trains in seconds on two CPU cores, the exact
 denoiser of Gaussian data, and a Stanford Cars folder in torchvision's layout."""
+import shutil
 import subprocess
 
 import numpy as np
@@ -99,3 +100,19 @@ def small_disk(tmp_path):
 def read_only_disk(tmp_path):
     """A file system that cannot be written."""
     yield from _tmpfs(tmp_path, "size=1m,ro")
+
+
+@pytest.fixture
+def read_only_copy(tmp_path):
+    """A function that copies files into a new file system, makes it read-only and returns its
+    folder: a Kaggle input holding a checkpoint, say."""
+    disk = _tmpfs(tmp_path, "size=64m")
+    folder = next(disk)
+
+    def copy(*files):
+        for f in files:
+            shutil.copy(f, folder)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        return folder
+    yield copy
+    next(disk, None)

@@ -1,9 +1,19 @@
 """The two command lines, run as a user runs them."""
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
 from PIL import Image
+
+import smol_diffusion
+from smol_diffusion import checkpoint as checkpoint_module
+from smol_diffusion import cli as cli_module
+from smol_diffusion.cli import main as cli_main
+from smol_diffusion.cli import parse_train, underscored
+from smol_diffusion.export import export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +119,84 @@ def test_one_command_line_in_every_form():
     assert script, "installed, yet no smol-diffusion script beside this Python"
     r = subprocess.run([script, "sample", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "--checkpoint" in r.stdout
+
+
+@pytest.fixture
+def conditional_ckpt(tiny_cfg, tmp_path):
+    """A one-step class-conditional checkpoint (10 digit classes)."""
+    smol_diffusion.train(tiny_cfg.override(num_classes=10, steps=1, sample_n=0), progress=False)
+    return tmp_path / "run" / "ckpt.pt"
+
+
+def test_sample_asks_each_class_in_turn_across_batches(conditional_ckpt, tmp_path,
+                                                       monkeypatch):
+    """--n 12 --batch 5: labels 0..9, 0, 1 over the three batches, so that the grid's column k
+    (ten columns) holds class k; --labels are repeated in turn the same way."""
+    asked = []
+
+    def sample(model, schedule, shape, labels=None, **kwargs):
+        asked.append(labels.tolist())
+        return torch.zeros(shape)
+    monkeypatch.setattr(checkpoint_module, "sample", sample)
+    grid = tmp_path / "grid.png"
+    cli_main(["sample", "--checkpoint", str(conditional_ckpt), "--n", "12", "--batch", "5",
+              "--out", str(grid)])
+    assert asked == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9], [0, 1]]
+    assert Image.open(grid).size == (10 * 9 + 1, 2 * 9 + 1)  # ten columns, 8 px and padding
+    asked.clear()
+    cli_main(["sample", "--checkpoint", str(conditional_ckpt), "--n", "5", "--batch", "2",
+              "--labels", "7,3", "--out", str(grid)])
+    assert asked == [[7, 3], [7, 3], [7]]
+
+
+def test_every_multi_word_flag_takes_both_spellings_and_help_shows_one(capsys):
+    assert underscored(["--cache-dir", "a-b", "--out-dir=x-y", "-n", "--n", "--bpd_n=-1"]) == [
+        "--cache_dir", "a-b", "--out_dir=x-y", "-n", "--n", "--bpd_n=-1"]
+    assert parse_train(["--out-dir", "x", "--cache-dir", "y", "--sample_n", "3"]) \
+        == parse_train(["--out_dir", "x", "--cache_dir", "y", "--sample-n", "3"])
+    for command in ("train", "evaluate"):
+        with pytest.raises(SystemExit):
+            cli_main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--cache_dir" in text and "--cache-dir" not in text
+
+
+def test_evaluate_checks_where_it_writes_before_it_evaluates(conditional_ckpt, tmp_path,
+                                                             monkeypatch, read_only_copy):
+    ran = []
+    monkeypatch.setattr(cli_module, "evaluate",
+                        lambda *a, **k: ran.append(1) or [{"metric": "bpd", "value": 3.0,
+                                                           "n": 2, "extractor": None,
+                                                           "sampler": "bound", "steps": 1000,
+                                                           "seconds": 0.1}])
+    evaluate = ["evaluate", "--checkpoint", str(conditional_ckpt), "--metrics", "bpd"]
+    (tmp_path / "file").write_text("")
+    for out, error in ((tmp_path / "file" / "eval.json", r"file is a file, not a folder"),
+                       (tmp_path, r"is a folder; give the path of a file")):
+        with pytest.raises(SystemExit, match=error):
+            cli_main([*evaluate, "--out", str(out)])
+    kaggle = read_only_copy(conditional_ckpt)  # beside a checkpoint in a read-only folder
+    with pytest.raises(SystemExit, match=r"cannot write --out .*disk/eval.json \(Read-only file "
+                                         r"system\); choose another path"):
+        cli_main(["evaluate", "--checkpoint", str(kaggle / "ckpt.pt"), "--metrics", "bpd"])
+    assert not ran  # nothing was evaluated, to be lost
+    cli_main([*evaluate, "--out", str(tmp_path / "new" / "folder" / "eval.json")])
+    assert json.loads((tmp_path / "new" / "folder" / "eval.json").read_text())["step"] == 1
+    export_weights(conditional_ckpt, tmp_path / "exported")
+    cli_main(["evaluate", "--checkpoint", str(tmp_path / "exported"), "--metrics", "bpd"])
+    assert (tmp_path / "exported" / "eval.json").is_file()  # in the export's folder
+    assert not (tmp_path / "eval.json").exists() and len(ran) == 2
+
+
+def test_sample_checks_its_out_before_it_samples(conditional_ckpt, tmp_path, monkeypatch,
+                                                 read_only_disk):
+    monkeypatch.setattr(checkpoint_module, "sample", lambda *a, **k: pytest.fail("sampled"))
+    (tmp_path / "file").write_text("")
+    for out, error in ((tmp_path, r"is a folder; give the path of a file"),
+                       (tmp_path / "grid", r"grid does not end in a file type such as .*\.png.*"
+                                           r"e\.g\. .*grid\.png"),
+                       (tmp_path / "file" / "grid.png", r"file is a file, not a folder"),
+                       (read_only_disk / "grid.png", r"cannot write --out .*grid.png \(Read-only "
+                                                     r"file system\)")):
+        with pytest.raises(SystemExit, match=error):
+            cli_main(["sample", "--checkpoint", str(conditional_ckpt), "--out", str(out)])

@@ -164,6 +164,10 @@ def test_overrides_may_be_json_text():
         overrides_from("{steps: 10}")
     with pytest.raises(ValueError, match=r"overrides must be a dict .*; got \[10\] \(list\)"):
         overrides_from("[10]")
+    assert overrides_from('{"n": 16}', "evaluation") == {"n": 16}  # the notebook's evaluation
+    with pytest.raises(ValueError, match=r"evaluation must be a dict or its JSON text, such as "
+                                         r"\{\"n\": 500\}; got 16 \(int\)"):
+        overrides_from("16", "evaluation", '{"n": 500}')
 
 
 def test_the_notebook_reads_its_overrides_as_papermill_and_yaml_give_them():
@@ -200,12 +204,12 @@ def test_an_overflowing_number_is_an_error_not_a_traceback():
 
 
 def test_bits_per_dim_needs_at_least_one_image(tmp_path):
-    with pytest.raises(SystemExit, match="--bpd-n, the held-out images for bits/dim, must be at "
+    with pytest.raises(SystemExit, match="--bpd_n, the held-out images for bits/dim, must be at "
                                          "least 1; got -1"):
         cli_main(["evaluate", "--checkpoint", str(tmp_path / "ckpt.pt"), "--bpd-n", "-1"])
     cfg = get_preset("demo").override(image_size=8, channel_mults=(1, 2))
     ckpt = Checkpoint(UNet(cfg.model), NoiseSchedule.from_name("cosine", 1000), cfg, 0, {})
-    with pytest.raises(ValueError, match=r"bpd_n \(--bpd-n\).* must be at least 1; got 0"):
+    with pytest.raises(ValueError, match=r"bpd_n \(--bpd_n\).* must be at least 1; got 0"):
         evaluate(ckpt, metrics=("bpd",), bpd_n=0)
 
 
