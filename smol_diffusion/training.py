@@ -1,4 +1,5 @@
-"""The training loop, one flat function (its command line: `smol-diffusion train`, cli.py)."""
+"""The training loop: `train`, then `_loop`, one step in numbered sections (its command line:
+`smol-diffusion train`, cli.py; the run's state: trainstate.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -50,12 +51,14 @@ def train(cfg: Config, progress: bool = True) -> dict:
     `cfg.train.resume` if set. Autocasts to the `precision` that `resolve_precision` picks; in
     fp16 the loss is scaled (`grad_scaler`), and the scale is saved with the checkpoint.
 
-    A run owns its folder: a new run into one that holds a checkpoint is refused unless
-    `overwrite`, and so is a second live run there. A step whose gradient is not finite (one
-    bad batch) is skipped and counted in `history["skipped"]`; when over half the steps between
-    two loss readings are, the run has diverged and stops with `TrainingDiverged` before it
-    writes another checkpoint. Ctrl-C (a notebook's Interrupt) or SIGTERM writes a checkpoint
-    at the step reached and returns the history so far; `resume` goes on from exactly there.
+    A run owns its folder. Where it holds the finished run of the same settings, there is
+    nothing to do: its history is returned (`check_out_dir`); any other checkpoint there is
+    refused unless `overwrite`, and so is a second live run there. A step whose gradient is not
+    finite (one bad batch) is skipped and counted in `history["skipped"]`; when over half the
+    steps between two loss readings are, the run has diverged and stops with `TrainingDiverged`
+    before it writes another checkpoint. Ctrl-C (a notebook's Interrupt) or SIGTERM writes a
+    checkpoint at the step reached and returns the history so far; `resume` goes on from
+    exactly there.
 
     Under torchrun (several processes) this is distributed data-parallel training: each
     process takes its share of every global batch of `batch_size` images, gradients are averaged
