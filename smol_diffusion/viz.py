@@ -132,6 +132,8 @@ def explore(ckpt, n: int = 16):
                                        description="class")
         controls["guidance"] = w.FloatSlider(value=2.0, min=0.0, max=8.0, step=0.5,
                                              description="guidance")
+    for control in controls.values():  # a slider in a row otherwise shrinks to its handle
+        control.layout = w.Layout(width="300px", min_width="300px")
     button, out = w.Button(description="Draw", button_style="primary"), w.Output()
 
     def draw(_=None) -> None:
@@ -142,12 +144,14 @@ def explore(ckpt, n: int = 16):
             x = ckpt.sample(n, sampler=v["sampler"], steps=v["steps"], progress=True,
                             generator=torch.Generator().manual_seed(v["seed"]), **extra)
             title = f"{v['sampler']}, {v['steps']} steps, seed {v['seed']}" + (
-                f", {ckpt.classes[v['label']]}, guidance {v['guidance']:g}" if extra else "")
+                f", class {ckpt.classes[v['label']]}, guidance {v['guidance']:g}" if extra else "")
             show_grid(x, title=title)
             plt.show()
 
     button.on_click(draw)
-    panel = w.VBox([w.HBox(list(controls.values()) + [button]), out])
+    # the controls wrap onto a second row rather than run off a narrow notebook's right edge
+    row = w.HBox(list(controls.values()) + [button], layout=w.Layout(flex_flow="row wrap"))
+    panel = w.VBox([row, out])
     display(panel)
     draw()
     return panel

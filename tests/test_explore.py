@@ -42,7 +42,7 @@ def test_the_panel_draws_with_the_chosen_settings(tiny_cfg, monkeypatch, num_cla
     last = calls[-1]
     assert (last["n"], last["sampler"], last["steps"], last["seed"]) == (4, "ddim", 3, 7)
     if num_classes:
-        assert last["labels"] == [5] * 4 and last["guidance"] == 3.0
+        assert last["labels"] == [5] and last["guidance"] == 3.0  # all four: requested_labels
 
 
 def test_without_ipywidgets_a_hint_is_printed(tiny_cfg, monkeypatch, capsys):
