@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 import smol_diffusion.training as training
+import smol_diffusion.trainstate as trainstate
 from smol_diffusion.cli import parse_train
 from smol_diffusion.hardware import distributed_env
 
@@ -21,8 +22,8 @@ if __name__ == "__main__":
     torch._foreach_lerp_ = spy
     writes = []
     for name in ("save_checkpoint", "save_grid"):  # count the files this process writes
-        real = getattr(training, name)
-        setattr(training, name, lambda *a, real=real, **k: writes.append(1) or real(*a, **k))
+        real = getattr(trainstate, name)
+        setattr(trainstate, name, lambda *a, real=real, **k: writes.append(1) or real(*a, **k))
     cfg = parse_train(sys.argv[1:])
     training.train(cfg)  # the progress bar (rank 0) tells a test that steps are being taken
     out = Path(cfg.train.out_dir).parent / f"rank{distributed_env()[0]}.pt"
