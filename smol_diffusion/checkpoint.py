@@ -141,8 +141,7 @@ def check_out_dir(cfg: Config) -> dict | None:
         raise ValueError(f"{shown(ours)} holds this run, stopped at step {step} of {tc.steps}; "
                          f"continue it with {resume}, or {fresh}")
     differ = ", ".join(f"{k}: {a!r} there, {b!r} here" for k, (a, b) in changed.items())
-    fixed = [k for k in changed if k in OBJECTIVE_FIELDS or k in _MODEL_FIELDS]
-    if fixed:  # a resume cannot change these (check_same_model)
+    if any(k in OBJECTIVE_FIELDS or k in _MODEL_FIELDS for k in changed):  # check_same_model
         raise ValueError(f"{shown(ours)} already holds a checkpoint of another model or task "
                          f"({differ}), which this new run would replace; {fresh}")
     raise ValueError(f"{shown(ours)} already holds a checkpoint with other settings ({differ}, "
