@@ -169,7 +169,8 @@ class DataConfig:
     dataset: str = "mnist"  # "mnist" (embedded, offline), "cars" (Stanford Cars) or "folder"
     root: str = "data"  # where "cars" and "folder" look for images
     split: str = "all"  # "train", "test" or "all" (cars: both, as the original did; digits:
-    #                     the test split is the last 50 of each class, held out for bits/dim)
+    #                     the test split is the last 50 of each class; a folder: about 10% of
+    #                     its files, chosen by name). Held-out images score the metrics
     hflip: bool = False  # random horizontal flips, done on the training device
     cache_dir: str = "data/cache"  # image files are decoded once into a uint8 cache here
     num_workers: int = 0  # threads decoding images while the cache is built (0: one a core)
@@ -203,7 +204,7 @@ class TrainConfig:
     sample_n: int = 64  # images in a sample grid (0: no grids)
     checkpoint_every: int = 5000  # steps between checkpoints (0: only at the end)
     eval_every: int = 0  # steps between evaluations of the EMA model (0: never)
-    eval_n: int = 500  # samples per evaluation (FID, KID and, on digits, recognisability)
+    eval_n: int = 500  # samples per evaluation (every metric of `evaluate` but bits/dim)
     out_dir: str = "checkpoints/run"  # checkpoints and sample grids go here
     resume: str | None = None  # a checkpoint to continue from
     overwrite: bool = False  # replace a checkpoint already in out_dir (else a new run is refused)

@@ -7,6 +7,7 @@ device (`batches.py`).
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,21 @@ def stanford_cars_labels(root: Path, paths: list[Path]) -> tuple[list[int], list
         names = _read_devkit(meta, lambda v: [str(c) for c in np.atleast_1d(v["class_names"])])
         classes = names + classes[len(names):]
     return labels, classes
+
+
+HELD_OUT = 0.1  # the share of an image folder held out as its test split
+
+
+def folder_split(root: Path, paths: list[Path], split: str) -> list[int]:
+    """Indices of `paths` in `split` of an image folder: "test" holds out about 10% of the
+    images, chosen by a hash of each file's path under `root`, so a file stays on its side
+    when others are added or removed; "train" is the rest, "all" everything."""
+    if split == "all":
+        return list(range(len(paths)))
+    def held_out(p: Path) -> bool:
+        digest = hashlib.sha256(p.relative_to(root).as_posix().encode()).digest()
+        return int.from_bytes(digest[:8], "big") < HELD_OUT * 2 ** 64
+    return [i for i, p in enumerate(paths) if held_out(p) == (split == "test")]
 
 
 def folder_labels(root: Path, paths: list[Path]) -> tuple[list[int], list[str]] | None:
@@ -225,9 +241,6 @@ def make_dataset(cfg: DataConfig, image_size: int, channels: int,
         labelled = stanford_cars_labels(root, paths)
     elif cfg.dataset == "folder":
         _check_split(cfg.split)
-        if cfg.split == "test":
-            raise ValueError(f"an image folder has no test split: every image under {root} "
-                             "is for training; set split to 'all' (or 'train', the same)")
         if not root.is_dir():
             raise DatasetError(f"image folder {root} does not exist; set root to a folder "
                                "holding your images (any sub-folders are searched)")
@@ -235,6 +248,14 @@ def make_dataset(cfg: DataConfig, image_size: int, channels: int,
         if not paths:
             raise DatasetError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {root}")
         labelled = folder_labels(root, paths)
+        keep = folder_split(root, paths, cfg.split)
+        if not keep:
+            raise DatasetError(f"the {cfg.split} split of {root} is empty: it holds "
+                               f"{len(paths)} images and the held-out {HELD_OUT:.0%} are chosen "
+                               "by file name; add images, or set split to 'all'")
+        paths = [paths[i] for i in keep]
+        if labelled is not None:
+            labelled = ([labelled[0][i] for i in keep], labelled[1])
     else:
         raise ValueError(f"unknown dataset {cfg.dataset!r}; use 'mnist', 'cars' or 'folder'")
     images = cached_images(paths, image_size, channels, cfg.cache_dir, cfg.num_workers, progress)
