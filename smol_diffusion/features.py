@@ -2,8 +2,8 @@
 
 - "inception": the FID Inception-v3 (TensorFlow's 2015-12-05 graph ported by pytorch-fid and
   used by pytorch-fid, torch-fidelity and clean-fid), 2048 pool features at 299x299, so FID
-  numbers are comparable with the literature. Its weights are read from a file; nothing here
-  downloads them.
+  numbers are comparable with the literature. Its weights are fetched on first use into torch
+  hub's cache and checked against their SHA-256, as pytorch-fid and torch-fidelity do.
 - "digits": a small CNN trained on the 5,000 embedded MNIST digits at the model's resolution
   (about a minute on a laptop CPU), cached under data/cache/; 128 pooled features, and class
   probabilities for the recognisability score. Offline, but only comparable within this repo.
@@ -22,11 +22,14 @@ from torch import nn
 
 from .checkpoint import save_checkpoint
 from .data import mnist_5k, mnist_5k_arrays, to_model_range
+from .files import download
 from .likelihood import quantize
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
                    + FID_WEIGHTS)
+# the whole file's SHA-256 (95,628,359 bytes); its first 8 hex digits are the name's suffix
+FID_WEIGHTS_SHA256 = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
 
 
 @dataclass
@@ -135,16 +138,25 @@ class FIDInception(torchvision.models.Inception3):
         return x.flatten(1)  # (B, 2048)
 
 
-def inception_extractor(weights: str | Path | None = None,
-                        device: torch.device | str = "cpu") -> Extractor:
+def inception_extractor(weights: str | Path | None = None, device: torch.device | str = "cpu",
+                        progress: bool = True) -> Extractor:
     """The FID Inception from `weights`, or from torch hub's cache (where pytorch-fid and
-    torch-fidelity put it) when no path is given."""
+    torch-fidelity put it) when no path is given: fetched there on first use (92 MB,
+    SHA-256-checked). Offline, a FileNotFoundError says where to put the file."""
     path = Path(weights) if weights else Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS
+    if not weights and not path.is_file():
+        try:
+            download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256, progress=progress)
+        except OSError as e:
+            raise FileNotFoundError(f"no FID Inception weights: {e.strerror or e}, or pass its path "
+                                    "(--inception_weights). Offline, the swd and copies metrics "
+                                    "need no weights.") from e
     if not path.is_file():
         raise FileNotFoundError(
             f"no FID Inception weights at {path}. Download {FID_WEIGHTS_URL} on a machine with "
             f"internet, then put the file at {path} or pass its path (--inception_weights). "
-            "Offline on the digits, use the 'digits' extractor instead.")
+            "Offline, the swd and copies metrics (and on the digits, the 'digits' extractor) "
+            "need no weights.")
     net = FIDInception()
     try:
         net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))

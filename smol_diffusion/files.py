@@ -160,3 +160,48 @@ def lock_folder(folder: Path) -> Iterator[None]:
         f.write(f"process {os.getpid()} on {socket.gethostname()}\n")
         f.flush()
         yield
+
+
+def download(url: str, path: str | Path, sha256: str, timeout: float = 30,
+             progress: bool = True) -> Path:
+    """Fetch `url` to `path` and check its SHA-256, as torch hub's `check_hash` does (but over
+    the whole digest). The bytes go to a temporary file beside `path`, renamed only once they
+    are complete and match, so an interrupted or corrupted download leaves nothing behind. A
+    connection that fails, a short file or a wrong hash raises an OSError naming the URL and
+    where to put the file by hand."""
+    import hashlib
+    import urllib.request
+
+    from tqdm.auto import tqdm
+
+    path = Path(path)
+    by_hand = f"download {url} on a machine with internet and put it at {shown(path)}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{secrets.token_hex(4)}.part")
+    digest, got = hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0)
+            with tqdm(total=total or None, unit="B", unit_scale=True, disable=not progress,
+                      desc=f"downloading {path.name}", leave=False) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+        if total and got != total:
+            raise OSError(errno.EIO, f"the download of {url} stopped after {got} of {total} "
+                          f"bytes; try again, or {by_hand}")
+        if digest.hexdigest() != sha256:
+            raise OSError(errno.EIO, f"{url} sent a file with SHA-256 {digest.hexdigest()}, not "
+                          f"{sha256}: damaged on the way, or not the file meant; try again, or "
+                          f"{by_hand}")
+        os.replace(tmp, path)
+    except OSError as e:  # urllib's URLError and timeouts are OSErrors too
+        if e.errno == errno.EIO and not e.filename:
+            raise
+        raise OSError(errno.EIO, f"could not download {url} ({getattr(e, 'reason', e)}); "
+                      f"{by_hand}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

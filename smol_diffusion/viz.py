@@ -49,6 +49,41 @@ def show_grid(images: torch.Tensor, title: str | None = None, nrow: int | None =
     return ax
 
 
+def plot_copies(samples: torch.Tensor, train: torch.Tensor, found: dict,
+                k: int = 12) -> plt.Figure:
+    """The k samples closest to a training image (top row, each with its distance; red where it
+    is a near-copy) above those training images (bottom row): `found` is `metrics.copies`'s
+    result for samples and training images (N, C, H, W) in [-1, 1]."""
+    order = found["distances"].argsort()[:k]
+    fig, axes = plt.subplots(2, len(order), figsize=(1.1 * len(order), 2.6), squeeze=False)
+    for j, i in enumerate(order.tolist()):
+        d = found["distances"][i].item()
+        for row, image in enumerate((samples[i], train[found["nearest"][i]])):
+            ax = axes[row, j]
+            ax.imshow(to_grid(image[None]).permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray",
+                      vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[0, j].set_title(f"{d:.3f}", fontsize=8,
+                             color="red" if d < found["threshold"] else "black")
+    axes[0, 0].set_ylabel("sample", fontsize=8)
+    axes[1, 0].set_ylabel("nearest\ntraining", fontsize=8)
+    fig.suptitle(f"closest to training images: {found['value']:.1%} of samples are near-copies "
+                 f"(RMS distance < {found['threshold']:.3f}, which {found['real_share']:.1%} of "
+                 "held-out images come)", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Write a matplotlib figure as a PNG (its folder made if missing) and close it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def display_inline(path: str | Path) -> None:
     """Show a PNG inline when running inside a Jupyter kernel; do nothing elsewhere."""
     if "ipykernel" in sys.modules:
