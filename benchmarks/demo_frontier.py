@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import matmul_peak  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = [sys.executable, "-m", "smol_diffusion", "train", "--preset", "demo"]
+TRAIN = [sys.executable, "-m", "smol_diffusion", "train", "--preset"]
 
 
 def without_steps(args: list[str]) -> list[str]:
@@ -57,11 +57,13 @@ def without_steps(args: list[str]) -> list[str]:
     return out
 
 
-def train(args: list[str], out_dir: Path, threads: int | None = None) -> tuple[float, float, dict]:
-    """(wall seconds, median img/s after the first reading, the checkpoint's config)."""
+def train(args: list[str], out_dir: Path, threads: int | None = None,
+          preset: str = "demo") -> tuple[float, float, dict]:
+    """`smol-diffusion train --preset PRESET ARGS` into out_dir: (wall seconds, median img/s
+    after the first reading, the checkpoint's config)."""
     env = os.environ | ({"OMP_NUM_THREADS": str(threads)} if threads else {})
     t0 = time.perf_counter()
-    r = subprocess.run([*TRAIN, *args, "--out_dir", str(out_dir), "--overwrite", "true"],
+    r = subprocess.run([*TRAIN, preset, *args, "--out_dir", str(out_dir), "--overwrite", "true"],
                        cwd=ROOT, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     if r.returncode:
@@ -69,6 +71,19 @@ def train(args: list[str], out_dir: Path, threads: int | None = None) -> tuple[f
     state = torch.load(out_dir / "ckpt.pt", weights_only=True, map_location="cpu")
     rates = state["history"]["img_per_s"]
     return wall, statistics.median(rates[1:] or rates), state["config"]
+
+
+def steps_for_budget(args: list[str], budget: float, calib_steps: int, out_dir: Path,
+                     threads: int | None = None, preset: str = "demo") -> int:
+    """How many steps of `train --preset PRESET ARGS` fit `budget` seconds from the command's
+    start to its exit: a calibration run of calib_steps steps gives the seconds a step takes
+    (its median img/s after the first reading) and the rest of its wall time (start-up, the
+    final grid, the checkpoint)."""
+    wall, rate, cfg = train([*args, "--steps", str(calib_steps), "--log_every", "10"], out_dir,
+                            threads, preset)
+    step = cfg["train"]["batch_size"] / rate
+    fixed = max(0.0, wall - calib_steps * step)
+    return max(1, math.floor((budget - fixed) / step))
 
 
 def evaluate(checkpoint: Path, n: int, real: bool, conditional: bool) -> dict:
@@ -113,15 +128,8 @@ def main() -> None:
                 torch.set_num_threads(args.threads)
             peak = matmul_peak(torch.device("cpu"), torch.float32)
             out = Path(tmp) / f"row{i}"
-            if args.as_is:
-                budget = []
-            else:
-                k = args.calib_steps
-                wall, rate, cfg = train([*row_args, "--steps", str(k), "--log_every", "10"],
-                                        out, args.threads)
-                step = cfg["train"]["batch_size"] / rate
-                fixed = max(0.0, wall - k * step)
-                budget = ["--steps", str(max(1, math.floor((args.budget - fixed) / step)))]
+            budget = [] if args.as_is else ["--steps", str(steps_for_budget(
+                row_args, args.budget, args.calib_steps, out, args.threads))]
             command = shlex.join(["smol-diffusion", "train", "--preset", "demo", *row_args,
                                   *budget])
             wall, rate, cfg = train([*row_args, *budget], out, args.threads)

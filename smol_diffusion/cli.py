@@ -4,6 +4,7 @@
     smol-diffusion sample --checkpoint checkpoints/demo/ckpt.pt --n 64 --out grid.png
     smol-diffusion evaluate --checkpoint checkpoints/demo/ckpt.pt --n 500
     smol-diffusion export --checkpoint checkpoints/demo/ckpt.pt --out exported/demo
+    smol-diffusion icons --out data/icons  (a colour image folder, from Debian's icon theme)
 
 `python -m smol_diffusion ...` is the same, and so is `torchrun ... -m smol_diffusion train ...`.
 Each command checks its input and ends with "error: ..." saying how to fix it, not a traceback.
@@ -23,11 +24,12 @@ import torch
 from .checkpoint import class_columns, load_checkpoint, read_checkpoint, stored_config
 from .config import (Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, all_fields,
                      parse_field)
-from .evaluate import (METRICS, SAMPLE_METRICS, default_metrics, evaluate, format_table,
+from .evaluate import (FEATURE_METRICS, METRICS, default_metrics, evaluate, format_table,
                        get_extractor)
 from .export import export_weights
 from .files import check_output, shown
 from .hardware import PRECISIONS, distributed_env
+from .icons import LICENCE, OXYGEN, build_icons
 from .presets import PRESETS, get_preset
 from .samplers import SAMPLERS
 from .schedule import SPACINGS
@@ -205,7 +207,7 @@ def run_sample(args: argparse.Namespace) -> None:
 
 
 def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
-    _sampling_options(parser, 500, "samples for fid/kid/recognisable", batch=250)
+    _sampling_options(parser, 500, "samples to score (bits/dim: --bpd_n)", batch=250)
     parser.add_argument("--metrics", default=None,
                         help=f"comma-separated, from {','.join(METRICS)} (default: all that "
                              "apply; recognisable needs the digits extractor)")
@@ -228,27 +230,36 @@ def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run_evaluate(args: argparse.Namespace) -> None:
-    """FID, KID, recognisability and bits/dim of a checkpoint: a table, and a JSON file."""
+    """Every metric of a checkpoint (evaluate.py): a table, a JSON file, and the copies
+    picture beside it."""
     if args.bpd_n < 1:
         raise SystemExit(f"error: --bpd_n, the held-out images for bits/dim, must be at least 1; "
                          f"got {args.bpd_n}")
     folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else \
         Path(args.checkpoint).parent  # an export's folder, or a ckpt.pt's
     out = Path(args.out or folder / "eval.json")
+    picture = out.with_name(f"{out.stem}_copies.png")  # the closest sample/training pairs
     try:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
         check_output(out, "--out")  # before the evaluation, not after it
         metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
+        if "copies" in (metrics or default_metrics(ckpt.config, args.extractor, args.real)):
+            check_output(picture, "--out")
         scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
+        wanted = metrics or default_metrics(ckpt.config, args.extractor, args.real)
         extractor = args.extractor
-        if len(scales) > 1 and ckpt.config.model.num_classes \
-                and set(metrics or SAMPLE_METRICS) & set(SAMPLE_METRICS):
-            # one extractor for every scale: loading or training it takes seconds
-            extractor = get_extractor(args.extractor, ckpt.config, args.cache_dir,
-                                      args.inception_weights, next(ckpt.model.parameters()).device)
+        if set(wanted) & set(FEATURE_METRICS):  # one for every scale: it takes seconds to load
+            try:
+                extractor = get_extractor(args.extractor, ckpt.config, args.cache_dir,
+                                          args.inception_weights,
+                                          next(ckpt.model.parameters()).device)
+            except FileNotFoundError as e:  # offline: the defaults go on without FID and KID
+                if metrics:
+                    raise
+                print(f"warning: {e} FID and KID are left out.", file=sys.stderr)
+                wanted = tuple(m for m in wanted if m not in ("fid", "kid"))
         rows = []
         for j, g in enumerate(scales):  # bits/dim does not depend on the guidance: once
-            wanted = metrics or default_metrics(ckpt.config, extractor, args.real)
             wanted = tuple(m for m in wanted if m != "bpd" or j == 0)
             if not wanted:  # only bits/dim was asked for, and it is done
                 break
@@ -257,7 +268,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
                 extractor=extractor, sampler=args.sampler, steps=args.steps,
                 spacing=args.spacing, real=args.real, bpd_n=args.bpd_n, batch_size=args.batch,
                 seed=args.seed, cache_dir=args.cache_dir,
-                inception_weights=args.inception_weights, guidance=g, progress=True)
+                inception_weights=args.inception_weights, guidance=g, progress=True,
+                copies_figure=picture if j == 0 else None)
     except (ValueError, OSError) as e:  # bad input: the message says how to fix it
         raise SystemExit(f"error: {_error_text(e)}") from None
     print(format_table(rows))
@@ -267,7 +279,8 @@ def run_evaluate(args: argparse.Namespace) -> None:
     except OSError as e:  # the disk filled, say, since it was checked: the table is above
         raise SystemExit(f"error: cannot write {shown(out)} ({e.strerror}); the results are "
                          "in the table above") from None
-    print(f"-> {shown(out)}")
+    print(f"-> {shown(out)}" + (f", {shown(picture)}" if any(r["metric"] == "copies"
+                                                            for r in rows) else ""))
 
 
 def _export_parser(parser: argparse.ArgumentParser) -> None:
@@ -291,12 +304,32 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"exported the EMA weights of step {ckpt.step}{what} to {shown(out)}/")
 
 
+def _icons_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="data/icons", help="the folder to build")
+    parser.add_argument("--size", type=int, default=32, help="width and height in pixels")
+    parser.add_argument("--source", default=str(OXYGEN), help="the icon theme's folder")
+
+
+def run_icons(args: argparse.Namespace) -> None:
+    """Build the Oxygen icons into an image folder (icons.py)."""
+    try:
+        n = build_icons(args.out, args.size, args.source)
+    except (ValueError, OSError) as e:  # the message says how to fix it
+        raise SystemExit(f"error: {_error_text(e)}") from None
+    print(f"{n} icons, {args.size}x{args.size} RGB on white, in {shown(args.out)}/\n"
+          f"licence: {LICENCE}\n"
+          f"train on them: {PROG} train --preset icons32 --root {shown(args.out)}")
+
+
 COMMANDS = {
     "train": (_train_parser, run_train, "train a DDPM (Ho et al. 2020)"),
     "sample": (_sample_parser, run_sample, "sample a grid of images from a checkpoint"),
-    "evaluate": (_evaluate_parser, run_evaluate, "FID, KID, recognisability and bits/dim"),
+    "evaluate": (_evaluate_parser, run_evaluate, ("FID, KID, recognisability, sliced "
+                                                  "Wasserstein, copies and bits/dim")),
     "export": (_export_parser, run_export, "a checkpoint's EMA weights as safetensors, "
                                            "loadable without pickle"),
+    "icons": (_icons_parser, run_icons, ("build a colour image folder from the Oxygen icon "
+                                         "theme (Debian's oxygen-icon-theme)")),
 }
 
 

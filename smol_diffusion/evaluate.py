@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,21 @@ from .config import Config
 from .data import make_dataset, to_model_range
 from .features import Extractor, digit_extractor, inception_extractor
 from .likelihood import bits_per_dim
-from .metrics import frechet_distance, gaussian_stats, kid, recognisability
+from .metrics import (
+    copies,
+    frechet_distance,
+    gaussian_stats,
+    kid,
+    recognisability,
+    sliced_wasserstein,
+)
+from .viz import plot_copies, save_figure
 
-SAMPLE_METRICS = ("fid", "kid", "recognisable", "class_match")
+FEATURE_METRICS = ("fid", "kid", "recognisable", "class_match")  # need an extractor
+PIXEL_METRICS = ("swd", "copies")  # need no network: colour images, offline
+SAMPLE_METRICS = FEATURE_METRICS + PIXEL_METRICS
 METRICS = SAMPLE_METRICS + ("bpd",)
+COPIES_SHOWN = 12  # sample/training pairs in the copies picture
 KID_REFERENCE_MAX = 10_000  # real features kept in the cache for KID
 
 
@@ -50,10 +62,8 @@ def _default_extractor(cfg: Config) -> str:
 
 
 def _held_out_split(cfg: Config) -> str:
-    """The test split when the model trained on the train split of a dataset that has one (the
-    digits, Stanford Cars; not an image folder), else its own split."""
-    held_out = cfg.data.split == "train" and cfg.data.dataset != "folder"
-    return "test" if held_out else cfg.data.split
+    """The test split when the model trained on the train split, else its own split."""
+    return "test" if cfg.data.split == "train" else cfg.data.split
 
 
 def _dataset(cfg: Config, split: str | None = None):
@@ -110,15 +120,16 @@ def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "
     return stats
 
 
-def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: bool,
+def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor | None, want_probs: bool,
                     sampler: str, steps: int, spacing: str, batch_size: int, seed: int,
-                    progress: bool, guidance: float | None = None
-                    ) -> tuple[np.ndarray, np.ndarray | None, float]:
-    """Features (and class probabilities) of n samples, drawn and embedded batch by batch, and
-    the seconds spent sampling. With `guidance`, a conditional model is asked for the classes
-    in turn (`requested_labels`, over all n: batches need not hold whole rounds of classes)."""
+                    progress: bool, guidance: float | None = None, keep: bool = False
+                    ) -> tuple[np.ndarray | None, np.ndarray | None, torch.Tensor | None, float]:
+    """Features (with an extractor), class probabilities (`want_probs`) and, with `keep`, the
+    pixels (N, C, H, W) uint8 on the CPU of n samples, drawn batch by batch, and the seconds
+    spent sampling. With `guidance`, a conditional model is asked for the classes in turn
+    (`requested_labels`, over all n: batches need not hold whole rounds of classes)."""
     gen = torch.Generator().manual_seed(seed)
-    feats, probs, seconds = [], [], 0.0
+    feats, probs, pixels, seconds = [], [], [], 0.0
     labels = requested_labels(n, ckpt.config.model.num_classes) if guidance is not None else None
     bar = tqdm(total=n, desc="sampling", unit="img", disable=not progress, leave=False)
     for i in range(0, n, batch_size):
@@ -130,23 +141,34 @@ def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor, want_probs: 
         if x.device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - t0
-        feats.append(extractor.features(x))
+        if extractor is not None:
+            feats.append(extractor.features(x))
         if want_probs:
             probs.append(extractor.probs(x))
+        if keep:
+            pixels.append(to_uint8(x))
         bar.update(len(x))
     bar.close()
-    return np.concatenate(feats), np.concatenate(probs) if want_probs else None, seconds
+    return (np.concatenate(feats) if feats else None, np.concatenate(probs) if probs else None,
+            torch.cat(pixels) if keep else None, seconds)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as 8-bit pixels on the CPU, as a PNG file would hold them."""
+    return ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def default_metrics(cfg: Config, extractor: str | Extractor | None,
                     real: bool = False) -> tuple[str, ...]:
     """All the metrics that apply: recognisable and class_match need the digit classifier,
-    class_match also the samples of a conditional model (not real images)."""
+    class_match also the samples of a conditional model; swd and copies score samples (their
+    rows carry the real images' floor), so `real` leaves them out."""
     name = extractor.name if isinstance(extractor, Extractor) else extractor
-    if (name or _default_extractor(cfg)) != "digits":
-        return ("fid", "kid", "bpd")
+    digits = (name or _default_extractor(cfg)) == "digits"
     return tuple(m for m in METRICS
-                 if m != "class_match" or (cfg.model.num_classes and not real))
+                 if (digits or m not in ("recognisable", "class_match"))
+                 and (not real or m not in PIXEL_METRICS)
+                 and (m != "class_match" or (cfg.model.num_classes and not real)))
 
 
 def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None = None,
@@ -154,7 +176,8 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
              steps: int | None = None, spacing: str | None = None, real: bool = False,
              bpd_n: int = 500, batch_size: int = 250, seed: int = 0,
              cache_dir: str | Path = "data/cache", inception_weights: str | Path | None = None,
-             guidance: float | None = None, progress: bool = False) -> list[dict]:
+             guidance: float | None = None, progress: bool = False,
+             copies_figure: str | Path | None = None) -> list[dict]:
     """Score a checkpoint's EMA model on `metrics` (default: all that apply); returns one row
     per metric:
     {"metric", "value", "std" (KID), "n", "extractor", "sampler", "steps", "seconds",
@@ -165,10 +188,16 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     against the reference statistics of the training data; with `real`, n real images stand
     in for the samples, giving the floor each metric can reach at that n (held-out images
     when the model trained on the train split and the test split has n, else training images,
-    which the reference statistics also hold). bpd is the variational bound on bpd_n held-out
-    images (the test split, when the model trained on the train split of the digits or Stanford
-    Cars; otherwise images of its own split), with the checkpoint's reverse variance (a
-    conditional model's without labels: the bound of its unconditional half).
+    which the reference statistics also hold). swd and copies need no network (`pixel_rows`):
+    the sliced Wasserstein distance to held-out images, and the share of samples that are
+    near-copies of training images, each beside its real floor; `copies_figure` saves a
+    picture of the closest sample/training pairs there. bpd is the variational bound on bpd_n
+    held-out images (the test split, when the model trained on the train split; otherwise
+    images of its own split), with the checkpoint's reverse variance (a conditional model's
+    without labels: the bound of its unconditional half).
+
+    Left to its defaults, an evaluation that cannot get the FID Inception weights (offline)
+    warns and leaves fid and kid out; asked for them, it raises.
 
     A class-conditional model draws its samples asking for each class in turn, at the
     classifier-free `guidance` scale (default 1: its conditional samples; 0: unconditional), and
@@ -177,54 +206,48 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     `progress` shows progress bars over the samples, the reference features and the held-out
     images (the command line and the notebook turn them on; 50,000 samples take minutes).
     """
-    if guidance is not None and not ckpt.config.model.num_classes:
-        raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
-    if guidance is not None and real:
-        raise ValueError("real images are scored as they are, with no guidance: drop guidance")
-    if guidance is None and ckpt.config.model.num_classes and not real:
-        guidance = 1.0  # as Checkpoint.sample draws them: each class in turn
-    metrics = metrics or default_metrics(ckpt.config, extractor, real)
-    unknown = set(metrics) - set(METRICS)
-    if unknown:
-        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
-    if n < 2 or batch_size < 1:
-        raise ValueError(f"n must be at least 2 and batch_size at least 1; got {n}, {batch_size}")
-    if "bpd" in metrics and not real and bpd_n < 1:
-        raise ValueError(f"bpd_n (--bpd_n), the held-out images for bits/dim, must be at least 1; "
-                         f"got {bpd_n}")
     cfg, device = ckpt.config, next(ckpt.model.parameters()).device
+    if guidance is None and cfg.model.num_classes and not real:
+        guidance = 1.0  # as Checkpoint.sample draws them: each class in turn
+    defaulted, metrics = metrics is None, metrics or default_metrics(cfg, extractor, real)
+    _check_request(cfg, metrics, n, batch_size, bpd_n, real, guidance)
     sampler, spacing = sampler or cfg.diffusion.sampler, spacing or cfg.diffusion.spacing
     steps = cfg.diffusion.sample_steps if steps is None else steps
     rows = []
+    if set(FEATURE_METRICS) & set(metrics) and not isinstance(extractor, Extractor):
+        try:
+            extractor = get_extractor(extractor, cfg, cache_dir, inception_weights, device)
+        except FileNotFoundError as e:  # the Inception weights, offline
+            if not defaulted:
+                raise
+            warnings.warn(f"{e} FID and KID are left out.", stacklevel=2)
+            metrics = tuple(m for m in metrics if m not in ("fid", "kid"))
     if any(m in SAMPLE_METRICS for m in metrics):
         t0 = time.time()
-        if not isinstance(extractor, Extractor):
-            extractor = get_extractor(extractor, cfg, cache_dir, inception_weights, device)
+        features = [m for m in FEATURE_METRICS if m in metrics]
         if {"recognisable", "class_match"} & set(metrics) and extractor.name != "digits":
             raise ValueError("recognisable and class_match need the digits extractor")
-        if "class_match" in metrics and guidance is None:
-            raise ValueError("class_match scores the samples of a class-conditional model "
-                             "(num_classes > 0); this one is unconditional, or real images")
         want_probs = bool({"recognisable", "class_match"} & set(metrics))
-        ref = reference_stats(cfg, extractor, cache_dir, progress=progress)
+        ref = reference_stats(cfg, extractor, cache_dir, progress=progress) if features else None
+        pixels = None
         if real:  # held-out images where there are enough, else training images
             split = _held_out_split(cfg)
             data = _dataset(cfg, split)
             if len(data) < n:
                 split, data = cfg.data.split, _dataset(cfg)
             x = _real_images(data, n, seed)
-            feats = extractor.features(x)
+            feats = extractor.features(x) if features else None
             probs = extractor.probs(x) if want_probs else None
             n, source, n_steps, sampling = len(x), f"real ({split} split)", None, 0.0
         else:
-            feats, probs, sampling = _sample_batches(ckpt, n, extractor, want_probs, sampler,
-                                                     steps, spacing, batch_size, seed, progress,
-                                                     guidance)
+            feats, probs, pixels, sampling = _sample_batches(
+                ckpt, n, extractor if features else None, want_probs, sampler, steps, spacing,
+                batch_size, seed, progress, guidance, keep=bool(set(PIXEL_METRICS) & set(metrics)))
             source, n_steps = sampler, steps
         shared = time.time() - t0  # extractor, reference statistics, samples, features
-        base = {"n": n, "extractor": extractor.name, "sampler": source, "steps": n_steps,
-                "guidance": guidance, "sampling_seconds": round(sampling, 3)}
-        for metric in [m for m in SAMPLE_METRICS if m in metrics]:
+        base = {"n": n, "extractor": extractor.name if features else None, "sampler": source,
+                "steps": n_steps, "guidance": guidance, "sampling_seconds": round(sampling, 3)}
+        for metric in features:
             t2 = time.time()
             if metric == "fid":
                 row = {"value": frechet_distance(*gaussian_stats(feats), ref["mu"], ref["sigma"])}
@@ -238,20 +261,93 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
                 row = {"value": float((probs.argmax(axis=1) == asked).mean())}
             rows.append({"metric": metric, **row, **base,
                          "seconds": round(shared + time.time() - t2, 2)})
+        if pixels is not None:
+            t2 = time.time()
+            for row in pixel_rows(cfg, pixels, metrics, seed, copies_figure):
+                rows.append(row | base | {"extractor": None,
+                                          "seconds": round(shared + time.time() - t2, 2)})
     if "bpd" in metrics and not real:
-        t0 = time.time()
-        split = _held_out_split(cfg)
-        x0 = _real_images(_dataset(cfg, split), bpd_n, seed).to(device)
-        bpd = torch.cat([bits_per_dim(ckpt.model, ckpt.schedule, x0[i:i + batch_size],
-                                      variance=cfg.diffusion.variance, progress=progress,
-                                      prediction=cfg.diffusion.prediction,
-                                      generator=torch.Generator(device).manual_seed(seed + i))
-                         ["bpd"] for i in range(0, len(x0), batch_size)])
-        rows.append({"metric": "bpd", "value": bpd.mean().item(),
-                     "std": bpd.std().item() / len(bpd) ** 0.5, "n": len(bpd),
-                     "extractor": None, "sampler": f"bound on {split} split",
-                     "steps": ckpt.schedule.T, "seconds": round(time.time() - t0, 2)})
+        rows.append(_bpd_row(ckpt, bpd_n, batch_size, seed, progress))
     return rows
+
+
+def _check_request(cfg: Config, metrics: tuple[str, ...], n: int, batch_size: int, bpd_n: int,
+                   real: bool, guidance: float | None) -> None:
+    """A ValueError saying what to change, for a request `evaluate` cannot answer."""
+    unknown = set(metrics) - set(METRICS)
+    if unknown:
+        raise ValueError(f"unknown metrics {sorted(unknown)}; choose from {', '.join(METRICS)}")
+    if guidance is not None and not cfg.model.num_classes:
+        raise ValueError("guidance needs a class-conditional model (num_classes > 0)")
+    if guidance is not None and real:
+        raise ValueError("real images are scored as they are, with no guidance: drop guidance")
+    if n < 2 or batch_size < 1:
+        raise ValueError(f"n must be at least 2 and batch_size at least 1; got {n}, {batch_size}")
+    if "bpd" in metrics and not real and bpd_n < 1:
+        raise ValueError(f"bpd_n (--bpd_n), the held-out images for bits/dim, must be at least 1; "
+                         f"got {bpd_n}")
+    if "class_match" in metrics and guidance is None:
+        raise ValueError("class_match scores the samples of a class-conditional model "
+                         "(num_classes > 0); this one is unconditional, or real images")
+    if real and set(PIXEL_METRICS) & set(metrics):
+        raise ValueError("swd and copies score samples, each beside its real floor in the same "
+                         "row; drop them from the metrics, or drop real")
+
+
+def pixel_rows(cfg: Config, samples: torch.Tensor, metrics: tuple[str, ...], seed: int = 0,
+               copies_figure: str | Path | None = None) -> list[dict]:
+    """The swd and copies rows (those in `metrics`) of samples (N, C, H, W) uint8 of a model
+    trained on `cfg`'s data.
+
+    swd: the sliced Wasserstein distance (`sliced_wasserstein`) of the samples to the held-out
+    images (those of the test split, for a model trained on the train split; else half of its
+    training images, set aside); "floor" is that of as many other training images, the value a
+    model drawing the data's own distribution gets at this n, and "levels" and "floor_levels"
+    give each pyramid level's.
+
+    copies: the share of samples closer to a training image than 99% of held-out images are
+    (`copies`; with the config's hflip, mirrored training images count); without a test split,
+    each training image's distance to its nearest other one stands in for the held-out."""
+    gen = torch.Generator().manual_seed(seed)
+    train = to_model_range(_dataset(cfg).images)
+    split = _held_out_split(cfg)
+    order = torch.randperm(len(train), generator=gen)
+    if split != cfg.data.split:
+        held_out, others = to_model_range(_dataset(cfg, split).images), train[order]
+    else:  # no test split: half the training images stand in for it
+        held_out, others = train[order[:len(order) // 2]], train[order[len(order) // 2:]]
+    x = to_model_range(samples)
+    rows = []
+    if "swd" in metrics:
+        k = min(len(x), len(held_out), len(others))
+        got = sliced_wasserstein(x, held_out[:k], seed=seed)
+        floor = sliced_wasserstein(others[:k], held_out[:k], seed=seed)
+        rows.append({"metric": "swd", "value": got["value"], "levels": got["levels"],
+                     "floor": floor["value"], "floor_levels": floor["levels"], "swd_n": k})
+    if "copies" in metrics:
+        held = held_out if split != cfg.data.split else None
+        found = copies(x, train, held, flips=cfg.data.hflip)
+        if copies_figure:
+            save_figure(plot_copies(x, train, found, COPIES_SHOWN), copies_figure)
+        rows.append({"metric": "copies", **{k: v for k, v in found.items()
+                                            if k not in ("distances", "nearest")}})
+    return rows
+
+
+def _bpd_row(ckpt: Checkpoint, bpd_n: int, batch_size: int, seed: int, progress: bool) -> dict:
+    """The bits/dim row: the bound on bpd_n held-out images (see `evaluate`)."""
+    t0, cfg = time.time(), ckpt.config
+    device = next(ckpt.model.parameters()).device
+    split = _held_out_split(cfg)
+    x0 = _real_images(_dataset(cfg, split), bpd_n, seed).to(device)
+    bpd = torch.cat([bits_per_dim(ckpt.model, ckpt.schedule, x0[i:i + batch_size],
+                                  variance=cfg.diffusion.variance, progress=progress,
+                                  prediction=cfg.diffusion.prediction,
+                                  generator=torch.Generator(device).manual_seed(seed + i))
+                     ["bpd"] for i in range(0, len(x0), batch_size)])
+    return {"metric": "bpd", "value": bpd.mean().item(), "std": bpd.std().item() / len(bpd) ** 0.5,
+            "n": len(bpd), "extractor": None, "sampler": f"bound on {split} split",
+            "steps": ckpt.schedule.T, "seconds": round(time.time() - t0, 2)}
 
 
 def format_table(rows: list[dict]) -> str:
@@ -264,9 +360,18 @@ def format_table(rows: list[dict]) -> str:
             value = f"{r['value']:.1%} ({r['classes']}/10)"
         elif r["metric"] == "class_match":
             value = f"{r['value']:.1%}"
+        elif r["metric"] == "swd":
+            value = f"{r['value']:.3g} (real {r['floor']:.3g})"
+        elif r["metric"] == "copies":
+            value = f"{r['value']:.1%} (real {r['real_share']:.1%})"
         lines.append(f"{r['metric']:<13}{value:>18}{r['n']:>7}  {str(r['extractor']):<10}"
                      f"{str(r['sampler']):<22}{str(r['steps']):>6}"
                      f"{'' if r.get('guidance') is None else r['guidance']:>9}"
                      f"{r['seconds']:>9.1f}")
+    for r in rows:  # the sliced Wasserstein distance level by level, beside the real floor
+        if r["metric"] == "swd":
+            lines.append("swd by level: " + ", ".join(
+                f"{size} px {d:.3g} (real {r['floor_levels'][size]:.3g})"
+                for size, d in r["levels"].items()) + f"; {r['swd_n']} images a side")
     return "\n".join(lines)
 

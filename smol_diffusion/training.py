@@ -199,8 +199,11 @@ def _loop(run: Run, interrupts: Interrupts, readings: Readings, bar: tqdm) -> No
                 run.write_samples()
             if run.rank == 0 and tc.eval_every and (run.step % tc.eval_every == 0
                                                     or run.step == tc.steps):
-                fid = run.evaluate()["fid"]
-                bar.set_postfix(loss=f"{run.history['loss'][-1]:.4f}", fid=f"{fid:.3g}")
+                values = run.evaluate()
+                shown = {m: f"{values[m]:.3g}" for m in ("fid", "swd") if m in values}
+                if run.history["loss"]:  # none yet when eval_every < log_every
+                    shown["loss"] = f"{run.history['loss'][-1]:.4f}"
+                bar.set_postfix(**shown)
             if run.rank == 0 and save_due:
                 with interrupts.held():
                     run.write_checkpoint()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checkpoint import Checkpoint, class_columns, resume_from, save_checkpoint
 from .config import Config
 from .data import TensorImages, make_dataset
-from .evaluate import default_metrics, evaluate, get_extractor
+from .evaluate import FEATURE_METRICS, default_metrics, evaluate, get_extractor
 from .features import Extractor
 from .hardware import (DTYPES, compile_model, distributed_env, grad_scaler, resolve_precision,
                        setup_device)
@@ -76,10 +77,14 @@ class Run:
     def evaluate(self) -> dict:
         """The EMA model's metrics (`evaluate`, but bits/dim), recorded in history and log."""
         tc = self.cfg.train
-        metrics = tuple(m for m in default_metrics(self.cfg, self.extractor) if m != "bpd")
+        metrics = tuple(m for m in default_metrics(self.cfg, self.extractor) if m != "bpd"
+                        and (self.extractor or m not in FEATURE_METRICS))
         rows = evaluate(self.checkpoint(), tc.eval_n, metrics=metrics, extractor=self.extractor,
                         seed=tc.seed, cache_dir=self.cfg.data.cache_dir, progress=False)
         values = {r["metric"]: r["value"] for r in rows}
+        for r in rows:  # the real floor the distance is read against
+            if r["metric"] == "swd":
+                values["swd_floor"] = r["floor"]
         self.history["eval"].append({"step": self.step} | values)
         self.log.write("eval", self.step, **values)
         return values
@@ -92,6 +97,18 @@ class Run:
             "step": self.step, "config": dataclasses.asdict(self.cfg), "history": self.history,
             "classes": self.classes})
         self.saved = self.step
+
+
+def _extractor(cfg: Config, device: torch.device) -> Extractor | None:
+    """The evaluations' extractor, built before the run trains: the digit classifier, or the
+    FID Inception (fetched on first use). Offline without its weights, a warning, and None:
+    the evaluations then score swd and copies, which need none."""
+    try:
+        return get_extractor(None, cfg, cfg.data.cache_dir, device=device)
+    except FileNotFoundError as e:
+        warnings.warn(f"{e} The evaluations during training leave FID and KID out.",
+                      stacklevel=3)
+        return None
 
 
 def setup(cfg: Config, progress: bool, log: RunLog) -> Run:
@@ -116,9 +133,7 @@ def setup(cfg: Config, progress: bool, log: RunLog) -> Run:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                             fused=fused, foreach=None if fused else True)
     precision = resolve_precision(tc.precision, device)
-    # built now, so that missing Inception weights stop the run before it trains, not after
-    extractor = get_extractor(None, cfg, cfg.data.cache_dir, device=device) \
-        if rank == 0 and tc.eval_every else None
+    extractor = _extractor(cfg, device) if rank == 0 and tc.eval_every else None
     schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T,
                                        cfg.diffusion.zero_terminal_snr)
     run = Run(cfg, rank, world, own_group, device, precision, dataset, schedule, model, ema,

@@ -19,6 +19,19 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _offline(tmp_path_factory, monkeypatch):
+    """No test reaches the network: the FID Inception weights are fetched from a port of
+    127.0.0.1 that refuses connections, into an empty torch hub folder of the test's own."""
+    from smol_diffusion import features
+
+    monkeypatch.setattr(features, "FID_WEIGHTS_URL", f"http://127.0.0.1:9/{features.FID_WEIGHTS}")
+    hub = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path_factory.mktemp("hub")))
+    yield
+    torch.hub.set_dir(hub)
+
+
 @pytest.fixture
 def tiny_cfg(tmp_path):
     """The demo preset shrunk: 8x8 digits, a 2-level UNet, 1,000-step schedule; unconditional

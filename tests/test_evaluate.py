@@ -83,8 +83,8 @@ def folder_cfg(tmp_path, n=6):
     for i in range(n):
         Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / f"{i}.png")
     return smol_diffusion.get_preset("demo").override(
-        dataset="folder", root=str(root), image_size=4, in_channels=3, num_classes=0,
-        cache_dir=str(tmp_path / "image_cache"))
+        dataset="folder", root=str(root), split="all", image_size=4, in_channels=3,
+        num_classes=0, cache_dir=str(tmp_path / "image_cache"))
 
 
 def test_reference_stats_are_cached_under_a_key_that_cannot_go_stale(tmp_path, monkeypatch):
@@ -110,8 +110,10 @@ def test_reference_stats_are_cached_under_a_key_that_cannot_go_stale(tmp_path, m
     changed = reference_stats(cfg, ext, cache, progress=False)
     assert len(calls) == 3 and len(list(cache.iterdir())) == 4
     assert not np.array_equal(changed["mu"], first["mu"])
-    # a folder has no test split: bits/dim and real rows use (and name) its training images
-    assert _held_out_split(cfg) == "train"
+    # trained on all of a folder, bits/dim and real rows use (and name) its training images;
+    # trained on its train split, its held-out tenth
+    assert _held_out_split(cfg) == "all"
+    assert _held_out_split(cfg.override(split="train")) == "test"
     assert _held_out_split(smol_diffusion.get_preset("demo")) == "test"
 
 
@@ -142,11 +144,12 @@ def test_evaluate_end_to_end(tiny_cfg, tmp_path, fast_digits, capsys):
     ckpt = load_checkpoint(f"{cfg.train.out_dir}/ckpt.pt", device="cpu")
     rows = evaluate(ckpt, 20, bpd_n=8, batch_size=16, cache_dir=tmp_path / "cache",
                     progress=False)
-    assert [r["metric"] for r in rows] == ["fid", "kid", "recognisable", "bpd"]
+    assert [r["metric"] for r in rows] == ["fid", "kid", "recognisable", "swd", "copies", "bpd"]
     for r in rows:
         assert np.isfinite(r["value"]) and r["seconds"] >= 0
     assert rows[0]["n"] == 20 and rows[0]["extractor"] == "digits" and rows[0]["steps"] == 5
-    assert rows[3]["n"] == 8 and rows[3]["steps"] == 50 and "test" in rows[3]["sampler"]
+    assert rows[3]["extractor"] is None and rows[3]["floor"] < rows[3]["value"]
+    assert rows[5]["n"] == 8 and rows[5]["steps"] == 50 and "test" in rows[5]["sampler"]
     floor = evaluate(ckpt, 20, real=True, cache_dir=tmp_path / "cache")
     assert [r["metric"] for r in floor] == ["fid", "kid", "recognisable"]
     assert floor[0]["value"] < rows[0]["value"]  # real digits beat a 40-step model
@@ -182,19 +185,28 @@ def test_training_evaluates_at_an_interval(tiny_cfg, tmp_path, fast_digits, monk
                             eval_n=16, cache_dir=str(tmp_path / "run_cache"))
     history = smol_diffusion.train(cfg, progress=False)
     assert [e["step"] for e in history["eval"]] == [20, 40]
-    assert set(history["eval"][0]) == {"step", "fid", "kid", "recognisable"}
+    assert set(history["eval"][0]) == {"step", "fid", "kid", "recognisable", "swd", "swd_floor",
+                                       "copies"}
     assert any((tmp_path / "run_cache").iterdir()) and not (tmp_path / "data").exists()
 
 
-def test_training_without_its_extractor_stops_before_it_trains(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # no Inception weights
-    cfg = folder_cfg(tmp_path).override(eval_every=5, steps=10, batch_size=4,
+def test_training_without_its_extractor_says_so_before_it_trains(tmp_path, monkeypatch):
+    """Offline without the Inception weights (conftest: the fetch is refused), a colour run
+    warns before its first step, then evaluates what needs no weights."""
+    cfg = folder_cfg(tmp_path).override(eval_every=5, steps=10, batch_size=4, sample_steps=2,
                                         out_dir=str(tmp_path / "run"))
     steps = []
     train_module = sys.modules["smol_diffusion.training"]
     real_loss = train_module.simple_loss
     monkeypatch.setattr(train_module, "simple_loss", lambda *a, **k: steps.append(1)
                         or real_loss(*a, **k))
-    with pytest.raises(FileNotFoundError, match="no FID Inception weights"):
-        smol_diffusion.train(cfg, progress=False)
-    assert not steps and not (tmp_path / "run" / "ckpt.pt").exists()
+
+    def warned(message, *args, **kwargs):  # the module's warnings.warn, and only its
+        said.append((str(message), len(steps)))
+    said = []
+    monkeypatch.setattr(sys.modules["smol_diffusion.trainstate"], "warnings",
+                        type("Warnings", (), {"warn": staticmethod(warned)}))
+    history = smol_diffusion.train(cfg, progress=False)
+    assert len(said) == 1 and "no FID Inception weights" in said[0][0]
+    assert said[0][1] == 0  # said before the first step
+    assert [set(e) for e in history["eval"]] == [{"step", "swd", "swd_floor", "copies"}] * 2
