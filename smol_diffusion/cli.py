@@ -4,7 +4,7 @@
     smol-diffusion sample --checkpoint checkpoints/demo/ckpt.pt --n 64 --out grid.png
     smol-diffusion evaluate --checkpoint checkpoints/demo/ckpt.pt --n 500
     smol-diffusion export --checkpoint checkpoints/demo/ckpt.pt --out exported/demo
-    smol-diffusion icons --out data/icons  (a colour image folder, from Debian's icon theme)
+    smol-diffusion icons --size 32  (a colour image folder from Debian's icon theme)
 
 `python -m smol_diffusion ...` is the same, and so is `torchrun ... -m smol_diffusion train ...`.
 Each command checks its input and ends with "error: ..." saying how to fix it, not a traceback.
@@ -17,6 +17,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from .checkpoint import class_columns, load_checkpoint, read_checkpoint, stored_
 from .config import (Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, all_fields,
                      parse_field)
 from .evaluate import (FEATURE_METRICS, METRICS, default_metrics, evaluate, format_table,
-                       get_extractor)
+                       get_extractor, optional_extractor)
 from .export import export_weights
 from .files import check_output, shown
 from .hardware import PRECISIONS, distributed_env
@@ -243,20 +244,17 @@ def run_evaluate(args: argparse.Namespace) -> None:
         ckpt = load_checkpoint(args.checkpoint, device=args.device)
         check_output(out, "--out")  # before the evaluation, not after it
         metrics = tuple(m for m in args.metrics.split(",") if m) if args.metrics else None
-        if "copies" in (metrics or default_metrics(ckpt.config, args.extractor, args.real)):
+        wanted = metrics or default_metrics(ckpt.config, args.extractor, args.real)
+        if "copies" in wanted:
             check_output(picture, "--out")
         scales = [float(g) for g in args.guidance.split(",")] if args.guidance else [None]
-        wanted = metrics or default_metrics(ckpt.config, args.extractor, args.real)
         extractor = args.extractor
         if set(wanted) & set(FEATURE_METRICS):  # one for every scale: it takes seconds to load
-            try:
-                extractor = get_extractor(args.extractor, ckpt.config, args.cache_dir,
-                                          args.inception_weights,
-                                          next(ckpt.model.parameters()).device)
-            except FileNotFoundError as e:  # offline: the defaults go on without FID and KID
-                if metrics:
-                    raise
-                print(f"warning: {e} FID and KID are left out.", file=sys.stderr)
+            where = (ckpt.config, args.cache_dir, args.inception_weights,
+                     next(ckpt.model.parameters()).device)
+            extractor = get_extractor(args.extractor, *where) if metrics else \
+                optional_extractor(*where, name=args.extractor)
+            if extractor is None:  # offline: the defaults go on without FID and KID
                 wanted = tuple(m for m in wanted if m not in ("fid", "kid"))
         rows = []
         for j, g in enumerate(scales):  # bits/dim does not depend on the guidance: once
@@ -305,20 +303,22 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def _icons_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", default="data/icons", help="the folder to build")
+    parser.add_argument("--out", default=None, help="the folder to build (default: "
+                        "data/icons<size>, where the icons32 preset looks)")
     parser.add_argument("--size", type=int, default=32, help="width and height in pixels")
     parser.add_argument("--source", default=str(OXYGEN), help="the icon theme's folder")
 
 
 def run_icons(args: argparse.Namespace) -> None:
     """Build the Oxygen icons into an image folder (icons.py)."""
+    out = args.out or f"data/icons{args.size}"
     try:
-        n = build_icons(args.out, args.size, args.source)
+        n = build_icons(out, args.size, args.source)
     except (ValueError, OSError) as e:  # the message says how to fix it
         raise SystemExit(f"error: {_error_text(e)}") from None
-    print(f"{n} icons, {args.size}x{args.size} RGB on white, in {shown(args.out)}/\n"
+    print(f"{n} icons, {args.size}x{args.size} RGB on white, in {shown(out)}/\n"
           f"licence: {LICENCE}\n"
-          f"train on them: {PROG} train --preset icons32 --root {shown(args.out)}")
+          f"train on them: {PROG} train --preset icons32 --root {shown(out)}")
 
 
 COMMANDS = {
@@ -356,4 +356,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """The entry point of `smol-diffusion` and `python -m smol_diffusion`."""
     args = _parse(sys.argv[1:] if argv is None else argv)
-    COMMANDS[args.command][1](args)
+    with warnings.catch_warnings():  # "warning: ..." for a person, not a source line
+        warnings.showwarning = lambda message, *_, **__: print(f"warning: {message}",
+                                                               file=sys.stderr)
+        COMMANDS[args.command][1](args)

@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, requested_labels
 from .config import Config
-from .data import make_dataset, to_model_range
+from .data import TensorImages, make_dataset, to_model_range
 from .features import Extractor, digit_extractor, inception_extractor
+from .images import DatasetError
 from .likelihood import bits_per_dim
 from .metrics import (
     copies,
@@ -57,6 +58,20 @@ def get_extractor(name: str | None, cfg: Config, cache_dir: str | Path = "data/c
     raise ValueError(f"unknown extractor {name!r}; use 'digits' or 'inception'")
 
 
+def optional_extractor(cfg: Config, cache_dir: str | Path = "data/cache",
+                       inception_weights: str | Path | None = None,
+                       device: torch.device | str = "cpu",
+                       name: str | None = None) -> Extractor | None:
+    """`get_extractor`, or None, with a warning that says where to put the file, where the FID
+    Inception weights cannot be had (offline): the one rule by which evaluations left to their
+    defaults (here, on the command line and in training) go on without FID and KID."""
+    try:
+        return get_extractor(name, cfg, cache_dir, inception_weights, device)
+    except FileNotFoundError as e:
+        warnings.warn(f"{e} FID and KID are left out.", stacklevel=2)
+        return None
+
+
 def _default_extractor(cfg: Config) -> str:
     return "digits" if cfg.data.dataset == "mnist" else "inception"
 
@@ -64,6 +79,21 @@ def _default_extractor(cfg: Config) -> str:
 def _held_out_split(cfg: Config) -> str:
     """The test split when the model trained on the train split, else its own split."""
     return "test" if cfg.data.split == "train" else cfg.data.split
+
+
+def _held_out(cfg: Config, at_least: int = 1) -> tuple[str, TensorImages]:
+    """The split that holds the images a model did not train on, and its images: the test
+    split for a model trained on the train split, where it holds `at_least` images; else the
+    model's own split, its training images (a small folder's test split may be empty)."""
+    split = _held_out_split(cfg)
+    if split != cfg.data.split:
+        try:
+            data = _dataset(cfg, split)
+            if len(data) >= at_least:
+                return split, data
+        except DatasetError:  # an empty test split
+            pass
+    return cfg.data.split, _dataset(cfg)
 
 
 def _dataset(cfg: Config, split: str | None = None):
@@ -215,12 +245,10 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
     steps = cfg.diffusion.sample_steps if steps is None else steps
     rows = []
     if set(FEATURE_METRICS) & set(metrics) and not isinstance(extractor, Extractor):
-        try:
-            extractor = get_extractor(extractor, cfg, cache_dir, inception_weights, device)
-        except FileNotFoundError as e:  # the Inception weights, offline
-            if not defaulted:
-                raise
-            warnings.warn(f"{e} FID and KID are left out.", stacklevel=2)
+        extractor = (optional_extractor(cfg, cache_dir, inception_weights, device, extractor)
+                     if defaulted else
+                     get_extractor(extractor, cfg, cache_dir, inception_weights, device))
+        if extractor is None:  # offline, left to the defaults
             metrics = tuple(m for m in metrics if m not in ("fid", "kid"))
     if any(m in SAMPLE_METRICS for m in metrics):
         t0 = time.time()
@@ -231,10 +259,7 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
         ref = reference_stats(cfg, extractor, cache_dir, progress=progress) if features else None
         pixels = None
         if real:  # held-out images where there are enough, else training images
-            split = _held_out_split(cfg)
-            data = _dataset(cfg, split)
-            if len(data) < n:
-                split, data = cfg.data.split, _dataset(cfg)
+            split, data = _held_out(cfg, at_least=n)
             x = _real_images(data, n, seed)
             feats = extractor.features(x) if features else None
             probs = extractor.probs(x) if want_probs else None
@@ -244,7 +269,7 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
                 ckpt, n, extractor if features else None, want_probs, sampler, steps, spacing,
                 batch_size, seed, progress, guidance, keep=bool(set(PIXEL_METRICS) & set(metrics)))
             source, n_steps = sampler, steps
-        shared = time.time() - t0  # extractor, reference statistics, samples, features
+        shared = time.time() - t0  # reference statistics, samples, features
         base = {"n": n, "extractor": extractor.name if features else None, "sampler": source,
                 "steps": n_steps, "guidance": guidance, "sampling_seconds": round(sampling, 3)}
         for metric in features:
@@ -264,7 +289,8 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
         if pixels is not None:
             t2 = time.time()
             for row in pixel_rows(cfg, pixels, metrics, seed, copies_figure):
-                rows.append(row | base | {"extractor": None,
+                rows.append(base | row | {"extractor": None,  # swd: n is its images a side
+                                          "n": row.get("swd_n", n),
                                           "seconds": round(shared + time.time() - t2, 2)})
     if "bpd" in metrics and not real:
         rows.append(_bpd_row(ckpt, bpd_n, batch_size, seed, progress))
@@ -310,10 +336,11 @@ def pixel_rows(cfg: Config, samples: torch.Tensor, metrics: tuple[str, ...], see
     each training image's distance to its nearest other one stands in for the held-out."""
     gen = torch.Generator().manual_seed(seed)
     train = to_model_range(_dataset(cfg).images)
-    split = _held_out_split(cfg)
+    split, held = _held_out(cfg, at_least=2)
     order = torch.randperm(len(train), generator=gen)
-    if split != cfg.data.split:
-        held_out, others = to_model_range(_dataset(cfg, split).images), train[order]
+    if split != cfg.data.split:  # shuffled: a split may come in class order
+        held_out = to_model_range(held.images)[torch.randperm(len(held), generator=gen)]
+        others = train[order]
     else:  # no test split: half the training images stand in for it
         held_out, others = train[order[:len(order) // 2]], train[order[len(order) // 2:]]
     x = to_model_range(samples)
@@ -325,12 +352,12 @@ def pixel_rows(cfg: Config, samples: torch.Tensor, metrics: tuple[str, ...], see
         rows.append({"metric": "swd", "value": got["value"], "levels": got["levels"],
                      "floor": floor["value"], "floor_levels": floor["levels"], "swd_n": k})
     if "copies" in metrics:
-        held = held_out if split != cfg.data.split else None
-        found = copies(x, train, held, flips=cfg.data.hflip)
+        found = copies(x, train, held_out if split != cfg.data.split else None,
+                       flips=cfg.data.hflip, seed=seed)
         if copies_figure:
             save_figure(plot_copies(x, train, found, COPIES_SHOWN), copies_figure)
         rows.append({"metric": "copies", **{k: v for k, v in found.items()
-                                            if k not in ("distances", "nearest")}})
+                                            if k not in ("distances", "nearest", "mirrored")}})
     return rows
 
 
@@ -338,8 +365,8 @@ def _bpd_row(ckpt: Checkpoint, bpd_n: int, batch_size: int, seed: int, progress:
     """The bits/dim row: the bound on bpd_n held-out images (see `evaluate`)."""
     t0, cfg = time.time(), ckpt.config
     device = next(ckpt.model.parameters()).device
-    split = _held_out_split(cfg)
-    x0 = _real_images(_dataset(cfg, split), bpd_n, seed).to(device)
+    split, data = _held_out(cfg)
+    x0 = _real_images(data, bpd_n, seed).to(device)
     bpd = torch.cat([bits_per_dim(ckpt.model, ckpt.schedule, x0[i:i + batch_size],
                                   variance=cfg.diffusion.variance, progress=progress,
                                   prediction=cfg.diffusion.prediction,

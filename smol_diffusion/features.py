@@ -148,9 +148,9 @@ def inception_extractor(weights: str | Path | None = None, device: torch.device 
         try:
             download(FID_WEIGHTS_URL, path, FID_WEIGHTS_SHA256, progress=progress)
         except OSError as e:
-            raise FileNotFoundError(f"no FID Inception weights: {e.strerror or e}, or pass its path "
-                                    "(--inception_weights). Offline, the swd and copies metrics "
-                                    "need no weights.") from e
+            raise FileNotFoundError(f"no FID Inception weights: {e.strerror or e}, or pass "
+                                    "its path (--inception_weights). Offline, the swd and "
+                                    "copies metrics need no weights.") from e
     if not path.is_file():
         raise FileNotFoundError(
             f"no FID Inception weights at {path}. Download {FID_WEIGHTS_URL} on a machine with "

@@ -1,12 +1,13 @@
 """A real colour image set that installs from Debian: the Oxygen icon theme's PNG icons, built
-into a folder of one size for `dataset="folder"` (`smol-diffusion icons --out data/icons`).
+into a folder of one size for `dataset="folder"` (`smol-diffusion icons --out data/icons32`).
 
 Icons are what a person's own small folder often is: a few thousand hand-drawn pictures with
 shared styles (folders, documents, devices, faces) on a plain background. Each icon name is
 taken once, from the largest PNG the theme has of it (never one smaller than the size asked
 for, which would come out blurred), its transparent pixels composited onto white, resized to
-`size` x `size` (Lanczos) and saved as an RGB PNG; images that repeat another's pixels, or all
-but match them (`NEAR`), are dropped, so the held-out split holds no copy of a training image.
+`size` x `size` (Lanczos) and saved as an RGB PNG. Images that repeat another's pixels, or all
+but match them or their mirror image (`NEAR`), are dropped, so the held-out split holds no copy
+of a training image.
 """
 from __future__ import annotations
 
@@ -78,10 +79,12 @@ def build_icons(out: str | Path, size: int = 32, source: str | Path = OXYGEN,
 
 
 def distinct(images: torch.Tensor, tolerance: float = NEAR) -> list[int]:
-    """Indices of uint8 images (N, C, H, W) with no earlier image within `tolerance` of them
-    (root-mean-square, in units of the [-1, 1] range): the first of each group of duplicates."""
+    """Indices of uint8 images (N, C, H, W) with no earlier image, or its mirror image, within
+    `tolerance` of them (root-mean-square, in units of the [-1, 1] range): the first of each
+    group of duplicates. Mirrors count because a model trained with flips sees both."""
     x = images.flatten(1).float() / 127.5
-    d = torch.cdist(x, x) / x.shape[1] ** 0.5  # (N, N)
+    mirrored = images.flip(-1).flatten(1).float() / 127.5
+    d = torch.minimum(torch.cdist(x, x), torch.cdist(x, mirrored)) / x.shape[1] ** 0.5  # (N, N)
     keep: list[int] = []
     for i in range(len(x)):
         if not keep or d[i, keep].min() >= tolerance:

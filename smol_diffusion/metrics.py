@@ -142,7 +142,7 @@ def _sliced_distance(a: torch.Tensor, b: torch.Tensor, directions: int,
     for _ in range(directions // 128):
         d = torch.randn(a.shape[1], 128, generator=gen, dtype=torch.float64)
         d = (d / d.norm(dim=0, keepdim=True)).float().numpy()
-        # (128, P), sorted along P; numpy sorts these rows 6x faster than torch.sort on CPU
+        # (128, P), sorted along P: numpy sorts rows 6x faster than torch.sort on a CPU
         pa, pb = (np.sort(d.T @ x.T, axis=1) for x in (a, b))
         total += float(np.abs(pa - pb).mean())
     return total / (directions // 128)
@@ -153,11 +153,14 @@ def sliced_wasserstein(images: torch.Tensor, real: torch.Tensor, patches: int = 
     """The sliced Wasserstein distance between images (N, C, H, W) and real images (M, C, H, W),
     both in [-1, 1] (rounded to 8 bits first), level by level of their Laplacian pyramids
     (Karras et al. 2018, Sec. 5; x 1e3, as they report it): `patches` random 7x7 patches an
-    image (at the same places in image i of either set), normalised per channel with the real patches' mean and std, compared along
-    `directions` random directions. The larger set is subsampled to the smaller's size, so the
-    distance is that of min(N, M) images a side. Returns {"value": the mean over levels,
+    image (at the same places in image i of either set), normalised per channel with the real
+    patches' mean and std, compared along `directions` (a multiple of 128) random directions.
+    The larger set is subsampled to the smaller's size, so the distance is that of min(N, M)
+    images a side. Returns {"value": the mean over levels,
     "levels": {resolution: distance}, "n": images a side}. 0 for a set against itself; two
     samples of one distribution give a small positive floor that falls as n grows."""
+    if directions < 128 or directions % 128:
+        raise ValueError(f"directions must be a multiple of 128 (ProGAN: 512); got {directions}")
     if images.shape[1:] != real.shape[1:]:
         raise ValueError(f"images {tuple(images.shape[1:])} and real images "
                          f"{tuple(real.shape[1:])} differ in shape")
@@ -184,42 +187,49 @@ def sliced_wasserstein(images: torch.Tensor, real: torch.Tensor, patches: int = 
 
 # ---- Memorisation: how close samples come to the training images --------------------------
 
+LEAVE_ONE_OUT_MAX = 1000  # training images that stand in for held-out ones (copies)
+
+
 def nearest(images: torch.Tensor, bank: torch.Tensor, chunk: int = 256,
-            exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            own: torch.Tensor | None = None,
+            period: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """For each image (N, C, H, W), the root-mean-square pixel distance to the closest image of
-    `bank` (M, C, H, W), in [-1, 1] units, and that image's index: ((N,), (N,)). `exclude`
-    (N, M) bool marks bank images that image i may not match (itself, leaving one out)."""
-    bank = bank.flatten(1).float()
+    `bank` (M, C, H, W), in [-1, 1] units, and that image's index: ((N,), (N,)). With `own`
+    (N,), image i may not match bank image own[i], nor any whose index is congruent to it
+    modulo `period` (default M): its mirror, in a bank of images followed by their mirrors."""
+    flat = bank.flatten(1).float()
+    slot = torch.arange(len(bank)) % (period or len(bank))
     dists, index = [], []
     for i in range(0, len(images), chunk):
-        d = torch.cdist(images[i:i + chunk].flatten(1).float(), bank)  # (chunk, M)
-        if exclude is not None:
-            d[exclude[i:i + chunk]] = float("inf")
+        d = torch.cdist(images[i:i + chunk].flatten(1).float(), flat)  # (chunk, M)
+        if own is not None:  # leave each image out
+            d[slot[None, :] == own[i:i + chunk, None]] = float("inf")
         best = d.min(dim=1)
-        dists.append(best.values / bank.shape[1] ** 0.5)
+        dists.append(best.values / flat.shape[1] ** 0.5)
         index.append(best.indices)
     return torch.cat(dists), torch.cat(index)
 
 
 def copies(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor | None,
-           percentile: float = 1.0, flips: bool = False) -> dict:
+           percentile: float = 1.0, flips: bool = False, seed: int = 0) -> dict:
     """Near-copies of training images among samples, all (N, C, H, W) in [-1, 1].
 
     Each sample's distance to its nearest training image (`nearest`; with `flips`, mirrored
     training images count too, as a model trained with flips may copy either) is compared
     with the same distance for held-out real images, which no model saw: a sample closer to a
     training image than all but `percentile`% of held-out images come is a near-copy. Without
-    held-out images (None), each training image's distance to its nearest other one stands in.
+    held-out images (None), up to 1,000 training images stand in, each left out of the bank.
     Returns {"value": the share of samples that are near-copies, "threshold": that distance,
     "real_share": the share of held-out images below it (about percentile/100 by design),
-    "median": the samples' median distance, "real_median": the held-out images' one,
-    "distances" (N,), "nearest" (N,): each sample's distance and training image}.
+    "median": the samples' median distance, "real_median": the held-out images' one, and for
+    each sample its "distances" (N,), "nearest" training image (N,) and whether that was
+    "mirrored" (N,)}.
     """
     bank = torch.cat([train, train.flip(-1)]) if flips else train
-    if held_out is None:  # leave one out: neither an image nor its mirror may match it
-        own = torch.arange(len(train))
-        exclude = (torch.arange(len(bank))[None, :] % len(train)) == own[:, None]
-        d_real, _ = nearest(train, bank, exclude=exclude)
+    if held_out is None:
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+        pick = pick[:LEAVE_ONE_OUT_MAX]
+        d_real, _ = nearest(train[pick], bank, own=pick, period=len(train))
     else:
         d_real, _ = nearest(held_out, bank)
     d, index = nearest(samples, bank)
@@ -227,4 +237,4 @@ def copies(samples: torch.Tensor, train: torch.Tensor, held_out: torch.Tensor | 
     return {"value": float((d < threshold).float().mean()), "threshold": threshold,
             "real_share": float((d_real < threshold).float().mean()),
             "median": float(d.median()), "real_median": float(d_real.median()),
-            "distances": d, "nearest": index % len(train)}
+            "distances": d, "nearest": index % len(train), "mirrored": index >= len(train)}

@@ -31,7 +31,7 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(image_size=32, in_channels=3, channels=32, channel_mults=(1, 2, 2),
                           num_res_blocks=1, attn_resolutions=(8,), heads=4, dropout=0.0),
         diffusion=DiffusionConfig(T=1000, schedule="cosine", min_snr_gamma=5.0),
-        data=DataConfig(dataset="folder", root="data/icons", split="train", hflip=True),
+        data=DataConfig(dataset="folder", root="data/icons32", split="train", hflip=True),
         train=TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=100,
                           lr_schedule="cosine", ema_decay=0.999, log_every=25,
                           sample_every=0, sample_n=64, checkpoint_every=500,

@@ -200,10 +200,10 @@ def _loop(run: Run, interrupts: Interrupts, readings: Readings, bar: tqdm) -> No
             if run.rank == 0 and tc.eval_every and (run.step % tc.eval_every == 0
                                                     or run.step == tc.steps):
                 values = run.evaluate()
-                shown = {m: f"{values[m]:.3g}" for m in ("fid", "swd") if m in values}
+                postfix = {m: f"{values[m]:.3g}" for m in ("fid", "swd") if m in values}
                 if run.history["loss"]:  # none yet when eval_every < log_every
-                    shown["loss"] = f"{run.history['loss'][-1]:.4f}"
-                bar.set_postfix(**shown)
+                    postfix["loss"] = f"{run.history['loss'][-1]:.4f}"
+                bar.set_postfix(**postfix)
             if run.rank == 0 and save_due:
                 with interrupts.held():
                     run.write_checkpoint()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .checkpoint import Checkpoint, class_columns, resume_from, save_checkpoint
 from .config import Config
 from .data import TensorImages, make_dataset
-from .evaluate import FEATURE_METRICS, default_metrics, evaluate, get_extractor
+from .evaluate import FEATURE_METRICS, default_metrics, evaluate, optional_extractor
 from .features import Extractor
 from .hardware import (DTYPES, compile_model, distributed_env, grad_scaler, resolve_precision,
                        setup_device)
@@ -99,18 +98,6 @@ class Run:
         self.saved = self.step
 
 
-def _extractor(cfg: Config, device: torch.device) -> Extractor | None:
-    """The evaluations' extractor, built before the run trains: the digit classifier, or the
-    FID Inception (fetched on first use). Offline without its weights, a warning, and None:
-    the evaluations then score swd and copies, which need none."""
-    try:
-        return get_extractor(None, cfg, cfg.data.cache_dir, device=device)
-    except FileNotFoundError as e:
-        warnings.warn(f"{e} The evaluations during training leave FID and KID out.",
-                      stacklevel=3)
-        return None
-
-
 def setup(cfg: Config, progress: bool, log: RunLog) -> Run:
     """The device, data, model, EMA and optimizer of a run, and (resuming) its state so far."""
     tc, mc = cfg.train, cfg.model
@@ -133,7 +120,9 @@ def setup(cfg: Config, progress: bool, log: RunLog) -> Run:
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay,
                             fused=fused, foreach=None if fused else True)
     precision = resolve_precision(tc.precision, device)
-    extractor = _extractor(cfg, device) if rank == 0 and tc.eval_every else None
+    # built now, so that missing Inception weights are said before the run trains, not after
+    extractor = optional_extractor(cfg, cfg.data.cache_dir, device=device) \
+        if rank == 0 and tc.eval_every else None
     schedule = NoiseSchedule.from_name(cfg.diffusion.schedule, cfg.diffusion.T,
                                        cfg.diffusion.zero_terminal_snr)
     run = Run(cfg, rank, world, own_group, device, precision, dataset, schedule, model, ema,

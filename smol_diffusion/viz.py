@@ -58,7 +58,9 @@ def plot_copies(samples: torch.Tensor, train: torch.Tensor, found: dict,
     fig, axes = plt.subplots(2, len(order), figsize=(1.1 * len(order), 2.6), squeeze=False)
     for j, i in enumerate(order.tolist()):
         d = found["distances"][i].item()
-        for row, image in enumerate((samples[i], train[found["nearest"][i]])):
+        match = train[found["nearest"][i]]
+        match = match.flip(-1) if found["mirrored"][i] else match  # as the sample was compared
+        for row, image in enumerate((samples[i], match)):
             ax = axes[row, j]
             ax.imshow(to_grid(image[None]).permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray",
                       vmin=0, vmax=1, interpolation="nearest")

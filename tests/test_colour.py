@@ -115,16 +115,23 @@ def textures(n: int, seed: int) -> torch.Tensor:
     return (F.interpolate(x, size=32, mode="bilinear", align_corners=False) * 0.5).clamp(-1, 1)
 
 
-def test_the_pyramid_sums_back_to_the_image():
+def test_the_pyramid_is_progans():
+    """Its levels halve down to 8 px; a level down is cv2.pyrDown as ProGAN writes it (their
+    5x5 binomial filter, mirrored borders, every second pixel); the finest level is the image
+    less the coarser one brought back up (pyrUp)."""
+    from scipy.ndimage import convolve
     x = torch.rand(4, 3, 28, 28) * 255
     levels = laplacian_pyramid(x)
     assert [level.shape[-1] for level in levels] == [28, 14]
     assert [level.shape[-1] for level in laplacian_pyramid(torch.rand(1, 3, 64, 64))] == \
         [64, 32, 16, 8]
-    from smol_diffusion.metrics import _blur
-    up = torch.zeros_like(x)
-    up[..., ::2, ::2] = levels[1]
-    torch.testing.assert_close(levels[0] + 4 * _blur(up), x, atol=1e-3, rtol=0)
+    k = np.outer([1, 4, 6, 4, 1], [1, 4, 6, 4, 1]) / 256.0
+    down = convolve(x.double().numpy(), k[None, None], mode="mirror")[:, :, ::2, ::2]
+    np.testing.assert_allclose(levels[1].double().numpy(), down, atol=1e-3)
+    up = np.zeros(x.shape)
+    up[:, :, ::2, ::2] = down
+    up = convolve(up, 4 * k[None, None], mode="mirror")
+    np.testing.assert_allclose(levels[0].double().numpy(), x.double().numpy() - up, atol=1e-3)
 
 
 def test_swd_of_a_set_against_itself_is_zero():
@@ -145,10 +152,12 @@ def test_swd_grows_with_a_colour_shift_and_with_blur():
     assert blurred["levels"][32] > blurred["levels"][8]  # blur takes the finest detail
 
 
-def test_swd_takes_as_many_images_a_side_and_checks_shapes():
+def test_swd_takes_as_many_images_a_side_and_checks_its_input():
     assert sliced_wasserstein(textures(50, 0), textures(20, 1))["n"] == 20
     with pytest.raises(ValueError, match="differ in shape"):
         sliced_wasserstein(textures(4, 0), textures(4, 0)[:, :1])
+    with pytest.raises(ValueError, match="multiple of 128"):
+        sliced_wasserstein(textures(4, 0), textures(4, 0), directions=100)
 
 
 # ---- near-copies ---------------------------------------------------------------------------
@@ -169,15 +178,23 @@ def test_mirrored_copies_count_only_with_flips():
     assert copies(mirrored, train, held_out)["value"] < 0.5
     found = copies(mirrored, train, held_out, flips=True)
     assert found["value"] == 1.0 and (found["nearest"] == torch.arange(10)).all()
+    assert found["mirrored"].all() and not copies(train[:5], train, held_out,
+                                                  flips=True)["mirrored"].any()
 
 
 def test_without_held_out_images_each_training_image_leaves_itself_out():
     train = textures(100, 0)
     train = torch.cat([train, train[:1]])  # one exact duplicate: its nearest other is at 0
-    d, _ = nearest(train, train, exclude=torch.eye(len(train), dtype=torch.bool))
+    d, _ = nearest(train, train, own=torch.arange(len(train)))
     assert (d[1:100] > 0.1).all() and d[0] < 1e-3 and d[100] < 1e-3  # cdist rounds
-    found = copies(textures(50, 2), train, None)
-    assert found["value"] <= 0.1 and found["threshold"] >= 0
+    bank = torch.cat([train, train.flip(-1)])  # its mirror is left out too
+    d_flip, _ = nearest(train, bank, own=torch.arange(len(train)), period=len(train))
+    assert (d_flip[1:100] > 0.1).all()
+    held_out = copies(textures(50, 2), train, textures(50, 3))
+    left_out = copies(textures(50, 2), train, None)
+    assert left_out["real_share"] == pytest.approx(0.01, abs=0.01)
+    assert left_out["real_median"] == pytest.approx(held_out["real_median"], rel=0.1)
+    assert left_out["value"] <= 0.1
 
 
 # ---- evaluate on a colour folder, offline --------------------------------------------------
@@ -206,6 +223,7 @@ def test_evaluate_offline_scores_swd_and_copies_without_fid(colour_checkpoint, t
     by = {r["metric"]: r for r in rows}
     assert set(by) == {"swd", "copies", "bpd"}
     assert by["swd"]["value"] > 3 * by["swd"]["floor"] > 0  # noise is far from the textures
+    assert by["swd"]["n"] == by["swd"]["swd_n"] <= 20 and by["copies"]["n"] == 20
     assert set(by["swd"]["levels"]) == set(by["swd"]["floor_levels"]) == {8}
     assert by["copies"]["value"] == 0 and by["copies"]["threshold"] > 0
     assert Image.open(tmp_path / "copies.png").size[0] > 200
@@ -219,9 +237,12 @@ def test_evaluate_offline_scores_swd_and_copies_without_fid(colour_checkpoint, t
 def test_cli_evaluate_offline_writes_the_table_json_and_copies_picture(colour_checkpoint,
                                                                       tmp_path, capsys):
     ckpt = Path(colour_checkpoint.config.train.out_dir) / "ckpt.pt"
-    cli_main(["evaluate", "--checkpoint", str(ckpt), "--n", "20", "--bpd_n", "2",
-              "--cache_dir", str(tmp_path / "cache")])
+    with warnings.catch_warnings():  # as outside pytest, which otherwise records them
+        warnings.simplefilter("default")
+        cli_main(["evaluate", "--checkpoint", str(ckpt), "--n", "20", "--bpd_n", "2",
+                  "--cache_dir", str(tmp_path / "cache")])
     captured = capsys.readouterr()
+    assert "\nwarning: no FID Inception weights" in "\n" + captured.err
     assert "FID and KID are left out" in captured.err
     assert "swd by level: 8 px" in captured.out and "copies" in captured.out
     results = json.loads((ckpt.parent / "eval.json").read_text())["results"]
@@ -312,3 +333,41 @@ def test_offline_the_error_names_the_url_and_the_path():
         features.inception_extractor(progress=False)
     assert features.FID_WEIGHTS_URL in str(e.value) and str(cached) in str(e.value)
     assert not cached.exists()
+
+
+def test_swd_reads_held_out_images_in_a_random_order(tiny_cfg, monkeypatch):
+    """The digits' test split comes in class order: 20 samples are compared with 20 held-out
+    digits drawn from all of it, not with the first 20 (all zeros)."""
+    from smol_diffusion import evaluate as evaluate_module
+    seen = []
+    real_swd = evaluate_module.sliced_wasserstein
+    monkeypatch.setattr(evaluate_module, "sliced_wasserstein",
+                        lambda a, b, **k: seen.append(b) or real_swd(a, b, **k))
+    cfg = tiny_cfg  # the digits at 8x8, trained on the train split
+    test = make_dataset(DataConfig(dataset="mnist", split="test"), 8, 1, progress=False)
+    samples = test.images[-20:]  # any 20 images will do
+    evaluate_module.pixel_rows(cfg, samples, ("swd",))
+    chosen = seen[0]
+    zeros = to_model_range(test.images[test.labels == 0])
+    from_zeros = sum(bool((zeros == image).all(dim=(1, 2, 3)).any()) for image in chosen)
+    assert len(chosen) == 20 and from_zeros < 10
+
+
+def test_a_folder_whose_test_split_is_empty_is_scored_against_its_training_images(
+        tmp_path, tiny_cfg):
+    folder = tmp_path / "few"
+    folder.mkdir()
+    names = [f"{i:03d}.png" for i in range(40)]
+    kept = [n for i, n in enumerate(names)
+            if i not in folder_split(folder, [folder / m for m in names], "test")][:6]
+    for i, name in enumerate(kept):  # six images, none of which the test split would hold
+        Image.fromarray(((textures(1, i)[0].permute(1, 2, 0) + 1) * 127.5).byte().numpy()).save(
+            folder / name)
+    cfg = tiny_cfg.override(dataset="folder", root=str(folder), split="train", in_channels=3,
+                            cache_dir=str(tmp_path / "cache"), steps=2, sample_n=0,
+                            checkpoint_every=0, sample_steps=2, batch_size=4)
+    train(cfg, progress=False)
+    ckpt = load_checkpoint(Path(cfg.train.out_dir) / "ckpt.pt")
+    rows = evaluate(ckpt, 4, metrics=("swd", "copies", "bpd"), bpd_n=2)
+    assert [r["metric"] for r in rows] == ["swd", "copies", "bpd"]
+    assert rows[2]["sampler"] == "bound on train split"

@@ -204,7 +204,7 @@ def test_training_without_its_extractor_says_so_before_it_trains(tmp_path, monke
     def warned(message, *args, **kwargs):  # the module's warnings.warn, and only its
         said.append((str(message), len(steps)))
     said = []
-    monkeypatch.setattr(sys.modules["smol_diffusion.trainstate"], "warnings",
+    monkeypatch.setattr(sys.modules["smol_diffusion.evaluate"], "warnings",
                         type("Warnings", (), {"warn": staticmethod(warned)}))
     history = smol_diffusion.train(cfg, progress=False)
     assert len(said) == 1 and "no FID Inception weights" in said[0][0]
