@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -75,7 +76,7 @@ def main() -> None:
             if args.grids:
                 Path(args.grids).mkdir(parents=True, exist_ok=True)
                 grid = max(out.glob("samples_*.png"))  # the final grid
-                shutil.copy(grid, Path(args.grids) / f"{name.replace(' ', '_')}.png")
+                shutil.copy(grid, Path(args.grids) / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.png")
             scores = evaluate(out / "ckpt.pt", args.n)
             swd, found = scores["swd"], scores["copies"]
             row = {"name": name, "steps": steps, "wall_s": round(wall, 1),

@@ -25,12 +25,12 @@ PRESETS: dict[str, Config] = {
     # A folder of colour images at 32x32 on a laptop CPU (`--root` names it; `smol-diffusion
     # icons` builds one from Debian's icon theme): a small three-level UNet with attention at
     # 8 px, the demo's cosine schedule and Min-SNR weighting, flips, and about 10% of the
-    # files held out to score the samples against. A starting point while its frontier is
-    # measured (docs/colour.md).
+    # files held out to score the samples against. The v target: with eps, the samples of
+    # white-backed images came out dark (docs/colour.md). Its frontier is still being measured.
     "icons32": Config(
         model=ModelConfig(image_size=32, in_channels=3, channels=32, channel_mults=(1, 2, 2),
                           num_res_blocks=1, attn_resolutions=(8,), heads=4, dropout=0.0),
-        diffusion=DiffusionConfig(T=1000, schedule="cosine", min_snr_gamma=5.0),
+        diffusion=DiffusionConfig(T=1000, schedule="cosine", prediction="v", min_snr_gamma=5.0),
         data=DataConfig(dataset="folder", root="data/icons32", split="train", hflip=True),
         train=TrainConfig(steps=2000, batch_size=64, lr=2e-3, warmup=100,
                           lr_schedule="cosine", ema_decay=0.999, log_every=25,
