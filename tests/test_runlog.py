@@ -23,7 +23,7 @@ def test_each_reading_and_evaluation_is_a_row(tiny_cfg, monkeypatch):
     train_module = sys.modules["smol_diffusion.trainstate"]
     monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: [
         {"metric": "fid", "value": 12.5}, {"metric": "kid", "value": 0.01}])
-    monkeypatch.setattr(train_module, "get_extractor", lambda *a, **k: None)
+    monkeypatch.setattr(train_module, "optional_extractor", lambda *a, **k: None)
     cfg = tiny_cfg.override(steps=20, log_every=5, eval_every=10, sample_n=0)
     history = smol_diffusion.train(cfg, progress=False)
     lines = (Path(cfg.train.out_dir) / "log.jsonl").read_text().splitlines()
