@@ -8,6 +8,7 @@ device (`batches.py`).
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .config import SPLITS, DataConfig
+from .config import SPLITS, Config, DataConfig
 from .files import shown
 from .images import IMAGE_SUFFIXES, DatasetError, cached_images, find_images
 
@@ -56,6 +57,11 @@ class TensorImages(Dataset):
 def to_model_range(x: torch.Tensor) -> torch.Tensor:
     """uint8 pixels 0..255 -> floats in [-1, 1] (Ho et al. 2020, Sec. 3.3)."""
     return x.float() / 127.5 - 1.0
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] as 8-bit pixels on the CPU, as a PNG file would hold them."""
+    return ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def _read_devkit(mat_path: Path, read):
@@ -262,3 +268,37 @@ def make_dataset(cfg: DataConfig, image_size: int, channels: int,
     if labelled is None:
         return TensorImages(images)
     return TensorImages(images, torch.tensor(labelled[0]), labelled[1])
+
+
+# ---- The images a model did not train on, for its evaluation -----------------------------
+
+def held_out_split(cfg: Config) -> str:
+    """The test split when the model trained on the train split, else its own split."""
+    return "test" if cfg.data.split == "train" else cfg.data.split
+
+
+def held_out(cfg: Config, at_least: int = 1) -> tuple[str, TensorImages]:
+    """The split that holds the images a model did not train on, and its images: the test
+    split for a model trained on the train split, where it holds `at_least` images; else the
+    model's own split, its training images (a small folder's test split may be empty)."""
+    split = held_out_split(cfg)
+    if split != cfg.data.split:
+        try:
+            data = unflipped(cfg, split)
+            if len(data) >= at_least:
+                return split, data
+        except DatasetError:  # an empty test split
+            pass
+    return cfg.data.split, unflipped(cfg)
+
+
+def unflipped(cfg: Config, split: str | None = None):
+    """The config's dataset (or another split of it) without random flips."""
+    data = replace(cfg.data, hflip=False, split=split or cfg.data.split)
+    return make_dataset(data, cfg.model.image_size, cfg.model.in_channels, progress=False)
+
+
+def random_images(dataset, k: int, seed: int) -> torch.Tensor:
+    """k images (or all, if fewer) drawn at random without replacement, (k, C, H, W)."""
+    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:k]
+    return to_model_range(dataset.images[pick])

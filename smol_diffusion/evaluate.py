@@ -8,9 +8,6 @@ row says how many images it used, which extractor, sampler and steps, and how lo
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import time
 import warnings
 from pathlib import Path
@@ -21,9 +18,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, requested_labels
 from .config import Config
-from .data import TensorImages, make_dataset, to_model_range
-from .features import Extractor, digit_extractor, inception_extractor
-from .images import DatasetError
+from .data import held_out, random_images, to_model_range, to_uint8, unflipped
+from .features import Extractor, digit_extractor, inception_extractor, reference_stats
 from .likelihood import bits_per_dim
 from .metrics import (
     copies,
@@ -40,7 +36,6 @@ PIXEL_METRICS = ("swd", "copies")  # need no network: colour images, offline
 SAMPLE_METRICS = FEATURE_METRICS + PIXEL_METRICS
 METRICS = SAMPLE_METRICS + ("bpd",)
 COPIES_SHOWN = 12  # sample/training pairs in the copies picture
-KID_REFERENCE_MAX = 10_000  # real features kept in the cache for KID
 
 
 def get_extractor(name: str | None, cfg: Config, cache_dir: str | Path = "data/cache",
@@ -76,80 +71,6 @@ def _default_extractor(cfg: Config) -> str:
     return "digits" if cfg.data.dataset == "mnist" else "inception"
 
 
-def _held_out_split(cfg: Config) -> str:
-    """The test split when the model trained on the train split, else its own split."""
-    return "test" if cfg.data.split == "train" else cfg.data.split
-
-
-def _held_out(cfg: Config, at_least: int = 1) -> tuple[str, TensorImages]:
-    """The split that holds the images a model did not train on, and its images: the test
-    split for a model trained on the train split, where it holds `at_least` images; else the
-    model's own split, its training images (a small folder's test split may be empty)."""
-    split = _held_out_split(cfg)
-    if split != cfg.data.split:
-        try:
-            data = _dataset(cfg, split)
-            if len(data) >= at_least:
-                return split, data
-        except DatasetError:  # an empty test split
-            pass
-    return cfg.data.split, _dataset(cfg)
-
-
-def _dataset(cfg: Config, split: str | None = None):
-    """The config's dataset (or another split of it) without random flips."""
-    data = dataclasses.replace(cfg.data, hflip=False, split=split or cfg.data.split)
-    return make_dataset(data, cfg.model.image_size, cfg.model.in_channels, progress=False)
-
-
-def _real_images(dataset, k: int, seed: int) -> torch.Tensor:
-    """k images (or all, if fewer) drawn at random without replacement, (k, C, H, W)."""
-    pick = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:k]
-    return to_model_range(dataset.images[pick])
-
-
-def dataset_fingerprint(dataset) -> str:
-    """A hash of what the dataset holds: its images' shape and every pixel."""
-    h = hashlib.sha256(str(tuple(dataset.images.shape)).encode())
-    h.update(dataset.images.contiguous().numpy().data)
-    return h.hexdigest()
-
-
-def _loader_features(dataset, extractor: Extractor, batch_size: int, progress: bool,
-                     desc: str) -> np.ndarray:
-    images = dataset.images  # (N, C, H, W) uint8
-    return np.concatenate([extractor.features(to_model_range(images[i:i + batch_size]))
-                           for i in tqdm(range(0, len(images), batch_size), desc=desc,
-                                         disable=not progress, leave=False)])
-
-
-def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "data/cache",
-                    batch_size: int = 200, progress: bool = False) -> dict:
-    """Mean, covariance and (up to 10,000) features of the training data in the extractor's
-    space: {"mu", "sigma", "features", "n"}. Cached under a name holding a hash of the data's
-    fingerprint, the resolution and the extractor's weights, so a stale cache never matches."""
-    dataset = _dataset(cfg)
-    key = json.dumps({"data": dataset_fingerprint(dataset), "size": cfg.model.image_size,
-                      "channels": cfg.model.in_channels, "extractor": extractor.name,
-                      "weights": extractor.key, "version": 1}, sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = Path(cache_dir) / (f"ref_{cfg.data.dataset}_{cfg.data.split}_"
-                              f"{cfg.model.image_size}px_{extractor.name}_{digest}.npz")
-    if path.is_file():
-        with np.load(path) as f:
-            if str(f["key"]) == key:
-                return {k: f[k] for k in ("mu", "sigma", "features")} | {"n": int(f["n"])}
-    feats = _loader_features(dataset, extractor, batch_size, progress, "reference features")
-    mu, sigma = gaussian_stats(feats)
-    keep = np.random.default_rng(0).permutation(len(feats))[:KID_REFERENCE_MAX]
-    stats = {"mu": mu, "sigma": sigma, "features": feats[np.sort(keep)], "n": len(feats)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, key=key, **stats)
-    tmp.replace(path)  # atomic: a crash leaves no half-written cache
-    return stats
-
-
 def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor | None, want_probs: bool,
                     sampler: str, steps: int, spacing: str, batch_size: int, seed: int,
                     progress: bool, guidance: float | None = None, keep: bool = False
@@ -181,11 +102,6 @@ def _sample_batches(ckpt: Checkpoint, n: int, extractor: Extractor | None, want_
     bar.close()
     return (np.concatenate(feats) if feats else None, np.concatenate(probs) if probs else None,
             torch.cat(pixels) if keep else None, seconds)
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] as 8-bit pixels on the CPU, as a PNG file would hold them."""
-    return ((x.detach().float().cpu() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def default_metrics(cfg: Config, extractor: str | Extractor | None,
@@ -259,8 +175,8 @@ def evaluate(ckpt: Checkpoint, n: int = 500, *, metrics: tuple[str, ...] | None 
         ref = reference_stats(cfg, extractor, cache_dir, progress=progress) if features else None
         pixels = None
         if real:  # held-out images where there are enough, else training images
-            split, data = _held_out(cfg, at_least=n)
-            x = _real_images(data, n, seed)
+            split, data = held_out(cfg, at_least=n)
+            x = random_images(data, n, seed)
             feats = extractor.features(x) if features else None
             probs = extractor.probs(x) if want_probs else None
             n, source, n_steps, sampling = len(x), f"real ({split} split)", None, 0.0
@@ -335,24 +251,24 @@ def pixel_rows(cfg: Config, samples: torch.Tensor, metrics: tuple[str, ...], see
     (`copies`; with the config's hflip, mirrored training images count); without a test split,
     each training image's distance to its nearest other one stands in for the held-out."""
     gen = torch.Generator().manual_seed(seed)
-    train = to_model_range(_dataset(cfg).images)
-    split, held = _held_out(cfg, at_least=2)
+    train = to_model_range(unflipped(cfg).images)
+    split, held = held_out(cfg, at_least=2)
     order = torch.randperm(len(train), generator=gen)
     if split != cfg.data.split:  # shuffled: a split may come in class order
-        held_out = to_model_range(held.images)[torch.randperm(len(held), generator=gen)]
+        unseen = to_model_range(held.images)[torch.randperm(len(held), generator=gen)]
         others = train[order]
     else:  # no test split: half the training images stand in for it
-        held_out, others = train[order[:len(order) // 2]], train[order[len(order) // 2:]]
+        unseen, others = train[order[:len(order) // 2]], train[order[len(order) // 2:]]
     x = to_model_range(samples)
     rows = []
     if "swd" in metrics:
-        k = min(len(x), len(held_out), len(others))
-        got = sliced_wasserstein(x, held_out[:k], seed=seed)
-        floor = sliced_wasserstein(others[:k], held_out[:k], seed=seed)
+        k = min(len(x), len(unseen), len(others))
+        got = sliced_wasserstein(x, unseen[:k], seed=seed)
+        floor = sliced_wasserstein(others[:k], unseen[:k], seed=seed)
         rows.append({"metric": "swd", "value": got["value"], "levels": got["levels"],
                      "floor": floor["value"], "floor_levels": floor["levels"], "swd_n": k})
     if "copies" in metrics:
-        found = copies(x, train, held_out if split != cfg.data.split else None,
+        found = copies(x, train, unseen if split != cfg.data.split else None,
                        flips=cfg.data.hflip, seed=seed)
         if copies_figure:
             save_figure(plot_copies(x, train, found, COPIES_SHOWN), copies_figure)
@@ -365,8 +281,8 @@ def _bpd_row(ckpt: Checkpoint, bpd_n: int, batch_size: int, seed: int, progress:
     """The bits/dim row: the bound on bpd_n held-out images (see `evaluate`)."""
     t0, cfg = time.time(), ckpt.config
     device = next(ckpt.model.parameters()).device
-    split, data = _held_out(cfg)
-    x0 = _real_images(data, bpd_n, seed).to(device)
+    split, data = held_out(cfg)
+    x0 = random_images(data, bpd_n, seed).to(device)
     bpd = torch.cat([bits_per_dim(ckpt.model, ckpt.schedule, x0[i:i + batch_size],
                                   variance=cfg.diffusion.variance, progress=progress,
                                   prediction=cfg.diffusion.prediction,

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,11 +20,14 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from tqdm.auto import tqdm
 
 from .checkpoint import save_checkpoint
-from .data import mnist_5k, mnist_5k_arrays, to_model_range
+from .config import Config
+from .data import mnist_5k, mnist_5k_arrays, to_model_range, unflipped
 from .files import download
 from .likelihood import quantize
+from .metrics import gaussian_stats
 
 FID_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 FID_WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
@@ -231,3 +235,50 @@ def digit_extractor(image_size: int, cache_dir: str | Path = "data/cache",
         save_checkpoint(path, net.state_dict())
     device = torch.device(device)
     return Extractor("digits", weights_key(net), net.eval().to(device), device)
+
+
+# ---- Reference statistics: the training data in an extractor's space -----------------------
+
+KID_REFERENCE_MAX = 10_000  # real features kept in the cache for KID
+
+
+def dataset_fingerprint(dataset) -> str:
+    """A hash of what the dataset holds: its images' shape and every pixel."""
+    h = hashlib.sha256(str(tuple(dataset.images.shape)).encode())
+    h.update(dataset.images.contiguous().numpy().data)
+    return h.hexdigest()
+
+
+def _loader_features(dataset, extractor: Extractor, batch_size: int, progress: bool,
+                     desc: str) -> np.ndarray:
+    images = dataset.images  # (N, C, H, W) uint8
+    return np.concatenate([extractor.features(to_model_range(images[i:i + batch_size]))
+                           for i in tqdm(range(0, len(images), batch_size), desc=desc,
+                                         disable=not progress, leave=False)])
+
+
+def reference_stats(cfg: Config, extractor: Extractor, cache_dir: str | Path = "data/cache",
+                    batch_size: int = 200, progress: bool = False) -> dict:
+    """Mean, covariance and (up to 10,000) features of the training data in the extractor's
+    space: {"mu", "sigma", "features", "n"}. Cached under a name holding a hash of the data's
+    fingerprint, the resolution and the extractor's weights, so a stale cache never matches."""
+    dataset = unflipped(cfg)
+    key = json.dumps({"data": dataset_fingerprint(dataset), "size": cfg.model.image_size,
+                      "channels": cfg.model.in_channels, "extractor": extractor.name,
+                      "weights": extractor.key, "version": 1}, sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    path = Path(cache_dir) / (f"ref_{cfg.data.dataset}_{cfg.data.split}_"
+                              f"{cfg.model.image_size}px_{extractor.name}_{digest}.npz")
+    if path.is_file():
+        with np.load(path) as f:
+            if str(f["key"]) == key:
+                return {k: f[k] for k in ("mu", "sigma", "features")} | {"n": int(f["n"])}
+    feats = _loader_features(dataset, extractor, batch_size, progress, "reference features")
+    mu, sigma = gaussian_stats(feats)
+    keep = np.random.default_rng(0).permutation(len(feats))[:KID_REFERENCE_MAX]
+    stats = {"mu": mu, "sigma": sigma, "features": feats[np.sort(keep)], "n": len(feats)}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, key=key, **stats)
+    tmp.replace(path)  # atomic: a crash leaves no half-written cache
+    return stats

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.functional import pil_to_tensor
 
+from .data import to_model_range
 from .files import shown
 from .images import DatasetError, to_8bit
 
@@ -82,8 +83,8 @@ def distinct(images: torch.Tensor, tolerance: float = NEAR) -> list[int]:
     """Indices of uint8 images (N, C, H, W) with no earlier image, or its mirror image, within
     `tolerance` of them (root-mean-square, in units of the [-1, 1] range): the first of each
     group of duplicates. Mirrors count because a model trained with flips sees both."""
-    x = images.flatten(1).float() / 127.5
-    mirrored = images.flip(-1).flatten(1).float() / 127.5
+    x = to_model_range(images).flatten(1)
+    mirrored = to_model_range(images.flip(-1)).flatten(1)
     d = torch.minimum(torch.cdist(x, x), torch.cdist(x, mirrored)) / x.shape[1] ** 0.5  # (N, N)
     keep: list[int] = []
     for i in range(len(x)):

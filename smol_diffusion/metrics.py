@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from .data import to_uint8
+
 
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean (D,) and covariance (D, D) of features (N, D), in float64."""
@@ -170,8 +172,7 @@ def sliced_wasserstein(images: torch.Tensor, real: torch.Tensor, patches: int = 
         raise ValueError(f"the sliced Wasserstein distance needs 2 images a side, got {n}")
     sides = [x[torch.randperm(len(x), generator=gen)[:n]] if len(x) > n else x
              for x in (images, real)]
-    pyramids = [laplacian_pyramid(((x.float() + 1) * 127.5).round().clamp(0, 255))
-                for x in sides]
+    pyramids = [laplacian_pyramid(to_uint8(x).float()) for x in sides]
     levels = {}
     for a, b in zip(*pyramids):
         size = min(patch_size, *a.shape[-2:])

@@ -14,8 +14,14 @@ from torch import nn
 import smol_diffusion
 from smol_diffusion import features, load_checkpoint
 from smol_diffusion.cli import main as cli_main
-from smol_diffusion.evaluate import _held_out_split, evaluate, reference_stats
-from smol_diffusion.features import Extractor, FIDInception, inception_extractor
+from smol_diffusion.data import held_out_split
+from smol_diffusion.evaluate import evaluate
+from smol_diffusion.features import (
+    Extractor,
+    FIDInception,
+    inception_extractor,
+    reference_stats,
+)
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +100,8 @@ def test_reference_stats_are_cached_under_a_key_that_cannot_go_stale(tmp_path, m
     assert first["n"] == 6 and first["features"].shape == (6, 48)
     assert len(list(cache.iterdir())) == 1
     calls = []
-    real = sys.modules["smol_diffusion.evaluate"]._loader_features
-    monkeypatch.setattr(sys.modules["smol_diffusion.evaluate"], "_loader_features",
+    real = sys.modules["smol_diffusion.features"]._loader_features
+    monkeypatch.setattr(sys.modules["smol_diffusion.features"], "_loader_features",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     again = reference_stats(cfg, ext, cache, progress=False)
     assert not calls  # read from the cache
@@ -112,9 +118,9 @@ def test_reference_stats_are_cached_under_a_key_that_cannot_go_stale(tmp_path, m
     assert not np.array_equal(changed["mu"], first["mu"])
     # trained on all of a folder, bits/dim and real rows use (and name) its training images;
     # trained on its train split, its held-out tenth
-    assert _held_out_split(cfg) == "all"
-    assert _held_out_split(cfg.override(split="train")) == "test"
-    assert _held_out_split(smol_diffusion.get_preset("demo")) == "test"
+    assert held_out_split(cfg) == "all"
+    assert held_out_split(cfg.override(split="train")) == "test"
+    assert held_out_split(smol_diffusion.get_preset("demo")) == "test"
 
 
 def test_digit_extractor_is_trained_once_then_cached(tmp_path, monkeypatch):
