@@ -169,8 +169,7 @@ class DataConfig:
     dataset: str = "mnist"  # "mnist" (embedded, offline), "cars" (Stanford Cars) or "folder"
     root: str = "data"  # where "cars" and "folder" look for images
     split: str = "all"  # "train", "test" or "all" (cars: both, as the original did; digits:
-    #                     the test split is the last 50 of each class; a folder: about 10% of
-    #                     its files, chosen by name). Held-out images score the metrics
+    #                     test is the last 50 of each class; a folder: ~10% of files, by name)
     hflip: bool = False  # random horizontal flips, done on the training device
     cache_dir: str = "data/cache"  # image files are decoded once into a uint8 cache here
     num_workers: int = 0  # threads decoding images while the cache is built (0: one a core)
