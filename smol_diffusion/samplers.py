@@ -12,6 +12,7 @@ last timestep means alpha = 1, sigma = 0.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Callable
 
 import torch
@@ -54,6 +55,7 @@ def _alpha_sigma(schedule: NoiseSchedule, t: int | None) -> tuple[float, float]:
 def sample_ddpm(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
                 timesteps: list[int], *, generator: torch.Generator | None = None,
                 clip: bool = True, prediction: str = "eps", variance: str = "small",
+                resample: int = 1, jump_length: int = 10,
                 callback: Callback | None = None) -> torch.Tensor:
     """Ancestral sampling (Ho et al. 2020, Algorithm 2) at `timesteps`, the training schedule
     respaced to them (Nichol & Dhariwal 2021, Sec. 4): all T steps gives Algorithm 2 itself.
@@ -61,11 +63,21 @@ def sample_ddpm(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
     Each step draws x_{t'} ~ N(mu_tilde(x_t, x0_hat), sigma^2 I) with sigma^2 = beta_tilde
     ("small") or beta ("large"; its first entry replaced by beta_tilde_1 as in
     improved-diffusion) of the respaced schedule; the last step returns the mean.
+
+    With `resample` > 1 it walks RePaint's schedule (Lugmayr et al. 2022, Sec. 4.2,
+    `repaint_levels`): after each `jump_length` steps it goes back up as many by the forward
+    process and comes down again, resample - 1 times. The chain's marginals are the same; what
+    it buys is time for pasted pixels (`editing.inpaint`) to agree with the rest.
     """
     spaced = schedule.respace(timesteps)  # increasing; its step i is training step ts[i]
     log_var = spaced.reverse_log_variance(variance)
-    B = x.shape[0]
-    for n, i in enumerate(reversed(range(spaced.T))):
+    B, n = x.shape[0], 0
+    levels = repaint_levels(spaced.T, jump_length, resample)  # x's level: S-1 ... -1 (clean)
+    for i, j in pairwise(levels):
+        if j > i:  # back up from level i to j: x_j ~ q(x_j | x_i) (RePaint Eq. 9, j - i steps)
+            ab = spaced.alpha_bar[j] / (spaced.alpha_bar[i] if i >= 0 else 1.0)
+            x = ab.sqrt() * x + (1 - ab).sqrt() * randn(x.shape, generator, x.device)
+            continue
         idx = torch.full((B,), i, device=x.device, dtype=torch.long)
         _, x0_hat = denoise(model, spaced, x, idx, clip, prediction)  # 1. predict x0 from x_t
         mean, _ = q_posterior(spaced, x0_hat, x, idx)  # 2. Eq. 7: mu_tilde(x_t, x0_hat)
@@ -76,7 +88,38 @@ def sample_ddpm(model: nn.Module, schedule: NoiseSchedule, x: torch.Tensor,
             x = mean
         if callback is not None:
             callback({"n": n, "t": int(spaced.timesteps[i]), "x": x, "x0_hat": x0_hat})
+        n += 1
     return x
+
+
+def repaint_levels(steps: int, jump_length: int = 10, resample: int = 1) -> list[int]:
+    """The levels x passes through in RePaint's schedule (Lugmayr et al. 2022, Sec. 4.2) of a
+    `steps`-step chain: steps - 1 (x_T) down to -1 (the clean image), one level a network call;
+    after the call at each level 0, j, 2j, ... below steps - j (j = jump_length) it jumps back up
+    j levels and comes down again, resample - 1 times. Network calls: steps + (resample - 1) j
+    (the number of those levels); resample 1 is the plain chain."""
+    if resample < 1 or jump_length < 1:
+        raise ValueError(f"resample and jump_length must be at least 1; got {resample}, "
+                         f"{jump_length}")
+    if resample > 1 and steps <= jump_length:
+        raise ValueError(f"resampling jumps back {jump_length} steps (jump_length), so it needs "
+                         f"more steps than that; got {steps}: raise steps or lower jump_length")
+    jumps = {level: resample - 1 for level in range(0, steps - jump_length, jump_length)}
+    level, levels = steps - 1, [steps - 1]
+    while level >= 0:
+        called, level = level, level - 1
+        levels.append(level)
+        if jumps.get(called, 0) > 0:
+            jumps[called] -= 1
+            level += jump_length
+            levels.append(level)
+    return levels
+
+
+def repaint_calls(steps: int, jump_length: int = 10, resample: int = 1) -> int:
+    """The network calls of `repaint_levels`' schedule: one a level down."""
+    levels = repaint_levels(steps, jump_length, resample)
+    return sum(b < a for a, b in pairwise(levels))
 
 
 @torch.no_grad()
@@ -228,7 +271,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
            generator: torch.Generator | None = None, callback: Callback | None = None,
            clip: bool = True, variance: str = "small", prediction: str = "eps",
            precision: str = "fp32", labels: torch.Tensor | list[int] | None = None,
-           guidance: float = 1.0, progress: bool = False) -> torch.Tensor:
+           guidance: float = 1.0, resample: int = 1, jump_length: int = 10,
+           progress: bool = False) -> torch.Tensor:
     """Draw a batch of images in [-1, 1] with shape `shape` (B, C, H, W).
 
     `sampler`: "ddpm" (ancestral), "ddim" (with `eta`), "dpm++2m", "dpm++3m" or "dpm++2m-sde".
@@ -241,7 +285,8 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
     under the autocast `precision` ("fp32", "bf16", "fp16" or "auto", which `autocast_dtype`
     resolves on the model's device). With `clip` (the default) x0_hat and the result are
     clipped to [-1, 1]. `progress` shows a progress bar over the network calls (off by default,
-    for programs; the command line and the notebook turn it on).
+    for programs; the command line and the notebook turn it on). `resample` and `jump_length`
+    are RePaint's resampling (`sample_ddpm`), for inpainting (`editing.inpaint`).
 
     A class-conditional model takes `labels` (B,), one class per image, and a classifier-free
     `guidance` scale (`guided`): 0 unconditional, 1 conditional, more to follow the label more
@@ -253,6 +298,9 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
         raise ValueError("give steps or timesteps, not both")
     if eta and sampler != "ddim":
         raise ValueError(f"eta is DDIM's; the {sampler} sampler does not take it")
+    if resample != 1 and sampler != "ddpm":
+        raise ValueError(f"resampling (RePaint) goes back up the chain, which only the ancestral "
+                         f"sampler's steps allow; use sampler='ddpm', or resample=1 with {sampler}")
     if timesteps is not None:
         ts = [int(t) for t in timesteps]
         if not ts or any(a <= b for a, b in zip(ts, ts[1:])):
@@ -281,10 +329,12 @@ def sample(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], *,
         noise = randn(tuple(shape), generator, device)
     elif tuple(noise.shape) != tuple(shape):
         raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {tuple(shape)}")
-    options = {"ddpm": {"variance": variance}, "ddim": {"eta": eta}}.get(sampler, {})
+    options = {"ddpm": {"variance": variance, "resample": resample, "jump_length": jump_length},
+               "ddim": {"eta": eta}}.get(sampler, {})
+    calls = repaint_calls(len(ts), jump_length, resample)  # len(ts) without resampling
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(ts), desc=f"{sampler}, {len(ts)} steps", disable=not progress,
+    bar = tqdm(total=calls, desc=f"{sampler}, {len(ts)} steps", disable=not progress,
                leave=False, delay=0.5)  # shown once a batch takes more than a moment
     try:
         with autocast(device, autocast_dtype(precision, device)):
