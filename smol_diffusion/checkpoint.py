@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 
 from .config import Config, DiffusionConfig, ModelConfig
+from .editing import check_images, check_mask, inpaint, sdedit
 from .files import shown, write_temp
 from .hardware import pick_device
 from .samplers import sample
@@ -247,13 +248,56 @@ class Checkpoint:
                 min(batch_size, n - i), generator=generator, steps=steps, **kwargs,
                 **{k: v[i:i + batch_size] for k, v in (("labels", labels), ("noise", noise))
                    if v is not None}) for i in range(0, n, batch_size)])
-        for name in ("sampler", "spacing", "variance", "prediction"):
-            kwargs.setdefault(name, getattr(d, name))
-        kwargs.setdefault("precision", self.config.train.precision)
         if kwargs.get("timesteps") is None and steps is None:
             steps = d.sample_steps
         return sample(self.model, self.schedule, (n, m.in_channels, m.image_size, m.image_size),
-                      steps=steps, generator=generator, labels=labels, **kwargs)
+                      steps=steps, generator=generator, labels=labels, **self._defaults(kwargs))
+
+    def inpaint(self, images: torch.Tensor, mask: torch.Tensor, *, resample: int = 1,
+                batch_size: int | None = None, **kwargs) -> torch.Tensor:
+        """`editing.inpaint` with the EMA model: `images` (B, C, H, W) in [-1, 1] kept where
+        `mask` is 1 and filled in where it is 0 (RePaint). Defaults as `sample`'s, but with
+        `resample` > 1 the ancestral sampler, which resampling needs. A conditional model
+        fills in unconditionally unless given `labels` (one per image, or repeated in turn)."""
+        kwargs.setdefault("sampler", "ddpm" if resample > 1 else self.config.diffusion.sampler)
+        return self._edit(inpaint, images, batch_size, kwargs, mask=mask, resample=resample)
+
+    def sdedit(self, images: torch.Tensor, strength: float, *, batch_size: int | None = None,
+               **kwargs) -> torch.Tensor:
+        """`editing.sdedit` with the EMA model: `images` (B, C, H, W) in [-1, 1] noised to
+        `strength` (0..1 of the trajectory) and denoised; with a conditional model and `labels`
+        of another class, a class edit. Defaults as `sample`'s."""
+        return self._edit(sdedit, images, batch_size, kwargs, strength=strength)
+
+    def _edit(self, edit, images: torch.Tensor, batch_size: int | None, kwargs: dict,
+              **args) -> torch.Tensor:
+        """`edit(model, schedule, images, ...)` over batches of `batch_size` images, each with
+        its share of the labels and of a per-image mask."""
+        m = self.config.model
+        check_images(images, m.in_channels, m.image_size)
+        kwargs = self._defaults(kwargs)
+        kwargs.setdefault("steps", self.config.diffusion.sample_steps)
+        n, batch_size = len(images), batch_size or len(images)
+        if kwargs.get("labels") is not None:
+            kwargs["labels"] = requested_labels(n, m.num_classes, kwargs["labels"])
+        mask = args.get("mask")
+        if mask is not None:
+            args["mask"] = check_mask(mask, images)
+        out = []
+        for i in range(0, n, batch_size):
+            part = {k: v[i:i + batch_size] if torch.is_tensor(v) and v.ndim and len(v) == n
+                    else v for k, v in (kwargs | args).items() if k != "generator"}
+            out.append(edit(self.model, self.schedule, images[i:i + batch_size], **part,
+                            generator=kwargs.get("generator")))
+        return torch.cat(out)
+
+    def _defaults(self, kwargs: dict) -> dict:
+        """Sampling keywords with the config's sampler, spacing, variance, prediction and
+        precision (the one training used) where not given."""
+        d = self.config.diffusion
+        kwargs = {name: getattr(d, name) for name in ("sampler", "spacing", "variance",
+                                                      "prediction")} | kwargs
+        return {"precision": self.config.train.precision} | kwargs
 
 
 def stored_config(state: dict, path: str | Path) -> Config:

@@ -2,6 +2,7 @@
 
     smol-diffusion train --preset demo [--lr 1e-3 --steps 2000 ...]
     smol-diffusion sample --checkpoint checkpoints/demo/ckpt.pt --n 64 --out grid.png
+    smol-diffusion edit --checkpoint checkpoints/demo/ckpt.pt --mask bottom --resample 5
     smol-diffusion evaluate --checkpoint checkpoints/demo/ckpt.pt --n 500
     smol-diffusion export --checkpoint checkpoints/demo/ckpt.pt --out exported/demo
     smol-diffusion icons --size 32  (a colour image folder from Debian's icon theme)
@@ -23,14 +24,31 @@ from pathlib import Path
 import torch
 
 from .checkpoint import class_columns, load_checkpoint, read_checkpoint, stored_config
-from .config import (Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, all_fields,
-                     parse_field)
-from .evaluate import (FEATURE_METRICS, METRICS, default_metrics, evaluate, format_table,
-                       get_extractor, optional_extractor)
+from .config import (
+    Config,
+    DataConfig,
+    DiffusionConfig,
+    ModelConfig,
+    TrainConfig,
+    all_fields,
+    parse_field,
+)
+from .data import held_out, random_images, to_model_range
+from .editing import MASKS, named_mask
+from .evaluate import (
+    FEATURE_METRICS,
+    METRICS,
+    default_metrics,
+    evaluate,
+    format_table,
+    get_extractor,
+    optional_extractor,
+)
 from .export import export_weights
 from .files import check_output, shown
 from .hardware import PRECISIONS, distributed_env
 from .icons import LICENCE, OXYGEN, build_icons
+from .images import read_image, read_mask
 from .presets import PRESETS, get_preset
 from .samplers import SAMPLERS
 from .schedule import SPACINGS
@@ -207,6 +225,72 @@ def run_sample(args: argparse.Namespace) -> None:
           f"{time.time() - t0:.1f}s -> {path}")
 
 
+def _edit_parser(parser: argparse.ArgumentParser) -> None:
+    _sampling_options(parser, 8, "held-out images of the checkpoint's own data to edit, drawn "
+                      "at random (without --images)", batch=256)
+    parser.add_argument("--images", nargs="+", default=None, help="image files to edit")
+    parser.add_argument("--resize", action="store_true", help="centre-crop, resize and convert "
+                        "images (and a mask file) of another size or number of channels")
+    parser.add_argument("--mask", default=None,
+                        help=f"inpaint (RePaint): {', '.join(MASKS)} (the part filled in), or a "
+                             "mask file, white where kept and black where filled in")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="image-to-image (SDEdit): the share of the trajectory re-run, from "
+                             "0 (unchanged) to 1 (a new sample)")
+    parser.add_argument("--resample", type=int, default=1,
+                        help="inpainting: RePaint's resampling (> 1: the ancestral sampler, "
+                             "about that many times the network calls)")
+    parser.add_argument("--jump_length", type=int, default=10, help="RePaint's jump, in steps")
+    parser.add_argument("--labels", default=None, help="conditional models: the class to edit "
+                        "towards, or one per image, as sample's --labels")
+    parser.add_argument("--guidance", type=float, default=1.0,
+                        help="classifier-free guidance scale, with --labels")
+    parser.add_argument("--variants", type=int, default=1, help="results per image")
+    parser.add_argument("--out", default="edits.png", help="PNG file for the grid")
+
+
+def run_edit(args: argparse.Namespace) -> None:
+    """Inpaint (--mask) or edit (--strength) images with a checkpoint, into one grid: a column
+    an image; rows: the inputs, (inpainting) the masked inputs, then --variants results."""
+    if (args.mask is None) == (args.strength is None):
+        raise SystemExit(f"error: give --mask (inpaint: {', '.join(MASKS)} or a mask file) or "
+                         "--strength (image-to-image, 0..1): one of them")
+    if min(args.n, args.batch, args.variants) < 1:
+        raise SystemExit("error: --n, --batch and --variants must be at least 1")
+    t0 = time.time()
+    try:
+        ckpt = load_checkpoint(args.checkpoint, device=args.device)
+        check_output(args.out, "--out", suffixes=GRID_SUFFIXES)
+        m = ckpt.config.model
+        if args.images:
+            images = to_model_range(torch.stack([read_image(p, m.image_size, m.in_channels,
+                                                            args.resize) for p in args.images]))
+        else:
+            images = random_images(held_out(ckpt.config)[1], args.n, args.seed)
+        options = {k: v for k, v in [("sampler", args.sampler), ("spacing", args.spacing),
+                                     ("steps", args.steps)] if v is not None}
+        if args.guidance != 1.0:
+            options["guidance"] = args.guidance
+        if args.labels:
+            options["labels"] = parse_labels(args.labels, ckpt.classes)
+        gen, rows = torch.Generator().manual_seed(args.seed), [images]
+        if args.mask:
+            mask = (read_mask(args.mask, m.image_size, args.resize) if Path(args.mask).is_file()
+                    else named_mask(args.mask, m.image_size))
+            rows.append(mask * images)  # the part to fill in, mid grey
+            rows += [ckpt.inpaint(images, mask, resample=args.resample, batch_size=args.batch,
+                                  jump_length=args.jump_length, generator=gen, progress=True,
+                                  **options) for _ in range(args.variants)]
+        else:
+            rows += [ckpt.sdedit(images, args.strength, batch_size=args.batch, generator=gen,
+                                 progress=True, **options) for _ in range(args.variants)]
+    except (ValueError, OSError) as e:  # the message says how to fix it
+        raise SystemExit(f"error: {_error_text(e)}") from None
+    path = save_grid(torch.cat(rows), args.out, nrow=len(images))
+    what = f"inpainted ({args.mask})" if args.mask else f"edited at strength {args.strength}"
+    print(f"{len(images)} image(s) {what}, {args.variants} each, {time.time() - t0:.1f}s -> {path}")
+
+
 def _evaluate_parser(parser: argparse.ArgumentParser) -> None:
     _sampling_options(parser, 500, "samples to score (bits/dim: --bpd_n)", batch=250)
     parser.add_argument("--metrics", default=None,
@@ -324,6 +408,7 @@ def run_icons(args: argparse.Namespace) -> None:
 COMMANDS = {
     "train": (_train_parser, run_train, "train a DDPM (Ho et al. 2020)"),
     "sample": (_sample_parser, run_sample, "sample a grid of images from a checkpoint"),
+    "edit": (_edit_parser, run_edit, "inpaint (RePaint) or edit (SDEdit) images"),
     "evaluate": (_evaluate_parser, run_evaluate, ("FID, KID, recognisability, sliced "
                                                   "Wasserstein, copies and bits/dim")),
     "export": (_export_parser, run_export, "a checkpoint's EMA weights as safetensors, "

@@ -10,10 +10,18 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 from tqdm.auto import tqdm
 
-from .files import no_space, pid_alive, ran_out_of_space, remove_stale, require_space, shown
+from .files import (
+    no_space,
+    pid_alive,
+    ran_out_of_space,
+    remove_stale,
+    require_space,
+    shown,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
@@ -135,3 +143,48 @@ def find_images(folder: Path) -> list[Path]:
     """Every image file under `folder`, recursively, in a stable order."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES
                   and p.is_file())
+
+
+def read_image(path: str | Path, image_size: int, channels: int,
+               fit: bool = False) -> torch.Tensor:
+    """An image file as a model of `channels` at `image_size` takes it, (C, S, S) uint8. One
+    of another size or number of channels is refused with the fix, unless `fit`: then it is
+    centre-cropped, resized and converted as training images are (`load_image`)."""
+    path = Path(path)
+    if not fit:
+        try:
+            with Image.open(path) as img:
+                size, bands = img.size, [b for b in img.getbands() if b not in ("A", "a")]
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"could not read image {shown(path)}: {e}") from e
+        c = 1 if len(bands) == 1 and img.mode != "P" else 3  # a palette holds colours
+        if size != (image_size, image_size) or c != channels:
+            raise ValueError(f"{shown(path)} is {size[0]}x{size[1]} with {c} channel(s), but "
+                             f"the model takes {image_size}x{image_size} with {channels}: pass "
+                             "--resize to centre-crop, resize and convert it")
+    return load_image(path, image_size, channels)
+
+
+def read_mask(path: str | Path, image_size: int, fit: bool = False) -> torch.Tensor:
+    """A mask file as (1, 1, S, S) floats: white (255) where the image is kept, black (0) where
+    it is filled in, nothing between. Another size is refused unless `fit` (centre-cropped
+    and resized to the nearest pixel, which keeps it black and white)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img = to_8bit(ImageOps.exif_transpose(img), "L")
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"could not read mask {shown(path)}: {e}") from e
+    m = pil_to_tensor(img)  # (1, h, w) uint8
+    if tuple(m.shape[1:]) != (image_size, image_size):
+        if not fit:
+            raise ValueError(f"mask {shown(path)} is {m.shape[2]}x{m.shape[1]}, but the images "
+                             f"are {image_size}x{image_size}: pass --resize, or draw it at "
+                             "that size")
+        m = center_crop(m, [min(m.shape[1:])])
+        m = resize(m, [image_size, image_size], InterpolationMode.NEAREST)
+    grey = m[(m != 0) & (m != 255)]
+    if len(grey):
+        raise ValueError(f"mask {shown(path)} holds grey levels (such as {int(grey[0])}); it "
+                         "must be black (0: fill in) and white (255: keep) only")
+    return (m[None] == 255).float()
