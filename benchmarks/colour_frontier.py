@@ -59,15 +59,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=400, help="samples scored")
     parser.add_argument("--json", default=None)
     parser.add_argument("--grids", default=None, help="folder for each row's final grid")
+    parser.add_argument("--runs", default=None,
+                        help="keep each row's run folder (checkpoint, grids, eval.json) here")
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, spec in enumerate(args.row):
             name, _, text = spec.partition("=")
+            slug = re.sub(r"[^A-Za-z0-9]+", "_", name)
             row_args = without_steps(["--precision", "fp32", "--root", args.root,
                                       *shlex.split(text)])
             peak = matmul_peak(torch.device("cpu"), torch.float32)
-            out = Path(tmp) / f"row{i}"
+            out = Path(args.runs or tmp) / (slug if args.runs else f"row{i}")
             steps = steps_for_budget(row_args, args.budget, args.calib_steps, out,
                                      preset=PRESET)
             command = shlex.join(["smol-diffusion", "train", "--preset", PRESET, *row_args,
@@ -76,7 +79,7 @@ def main() -> None:
             if args.grids:
                 Path(args.grids).mkdir(parents=True, exist_ok=True)
                 grid = max(out.glob("samples_*.png"))  # the final grid
-                shutil.copy(grid, Path(args.grids) / f"{re.sub(r'[^A-Za-z0-9]+', '_', name)}.png")
+                shutil.copy(grid, Path(args.grids) / f"{slug}.png")
             scores = evaluate(out / "ckpt.pt", args.n)
             swd, found = scores["swd"], scores["copies"]
             row = {"name": name, "steps": steps, "wall_s": round(wall, 1),
