@@ -24,26 +24,12 @@ from pathlib import Path
 import torch
 
 from .checkpoint import class_columns, load_checkpoint, read_checkpoint, stored_config
-from .config import (
-    Config,
-    DataConfig,
-    DiffusionConfig,
-    ModelConfig,
-    TrainConfig,
-    all_fields,
-    parse_field,
-)
+from .config import (Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig, all_fields,
+                     parse_field)
 from .data import held_out, random_images, to_model_range
 from .editing import MASKS, named_mask
-from .evaluate import (
-    FEATURE_METRICS,
-    METRICS,
-    default_metrics,
-    evaluate,
-    format_table,
-    get_extractor,
-    optional_extractor,
-)
+from .evaluate import (FEATURE_METRICS, METRICS, default_metrics, evaluate, format_table,
+                       get_extractor, optional_extractor)
 from .export import export_weights
 from .files import check_output, shown
 from .hardware import PRECISIONS, distributed_env

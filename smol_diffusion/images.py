@@ -14,14 +14,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import center_crop, pil_to_tensor, resize
 from tqdm.auto import tqdm
 
-from .files import (
-    no_space,
-    pid_alive,
-    ran_out_of_space,
-    remove_stale,
-    require_space,
-    shown,
-)
+from .files import no_space, pid_alive, ran_out_of_space, remove_stale, require_space, shown
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
