@@ -1,5 +1,5 @@
 """Plotting: image grids, the forward process, the denoising trajectory, the loss curve, and
-an interactive sampling panel for the notebook."""
+the notebook's interactive panels for sampling and editing."""
 from __future__ import annotations
 
 import math
@@ -143,6 +143,59 @@ def plot_loss(run: str | Path | dict, ax: plt.Axes | None = None) -> plt.Axes:
     return ax
 
 
+def _widgets(hint: str):
+    """ipywidgets, or None after printing that the panel needs it and `hint`, how to do the same
+    without it."""
+    try:
+        import ipywidgets
+    except ImportError:
+        print(f"the interactive panel needs ipywidgets (pip install ipywidgets); without it: {hint}")
+        return None
+    return ipywidgets
+
+
+def _panel(w, controls: dict, actions: dict):
+    """Shows `controls` and a button for each of `actions` (a name and a function of the
+    controls' values that draws a figure) above the figure the last button pressed drew. Draws
+    the first action at once; returns the panel."""
+    from IPython.display import display
+
+    for control in controls.values():  # a slider in a row otherwise shrinks to its handle
+        control.layout = w.Layout(width="300px", min_width="300px")
+    out, buttons = w.Output(), []
+    for name, act in actions.items():
+        def press(_=None, act=act) -> None:
+            with out:
+                out.clear_output(wait=True)
+                act({name: c.value for name, c in controls.items()})
+                plt.show()
+        buttons.append(w.Button(description=name, button_style="primary"))
+        buttons[-1].on_click(press)
+    # the controls wrap onto a second row rather than run off a narrow notebook's right edge
+    row = w.HBox(list(controls.values()) + buttons, layout=w.Layout(flex_flow="row wrap"))
+    panel = w.VBox([row, out])
+    display(panel)
+    buttons[0].click()
+    return panel
+
+
+def _class_controls(w, ckpt, none: str | None = None) -> dict:
+    """A conditional model's class (with a `none` choice, unconditional, where given) and
+    guidance scale controls; none for an unconditional one."""
+    if not ckpt.classes:
+        return {}
+    options = [(name, i) for i, name in enumerate(ckpt.classes)]
+    return {"label": w.Dropdown(options=[(none, None)] + options if none else options,
+                                description="class"),
+            "guidance": w.FloatSlider(value=2.0, min=0.0, max=8.0, step=0.5,
+                                      description="guidance")}
+
+
+def _class_title(ckpt, v: dict) -> str:
+    return "" if v.get("label") is None else (f", class {ckpt.classes[v['label']]}, guidance "
+                                              f"{v['guidance']:g}")
+
+
 def explore(ckpt, n: int = 16):
     """An interactive panel in a notebook: the sampler, its steps and the seed (and for a
     class-conditional model the class and the guidance scale), and a Draw button that samples
@@ -150,45 +203,65 @@ def explore(ckpt, n: int = 16):
 
     Returns the ipywidgets panel. Without ipywidgets, prints how to get it and how to sample
     without it, and returns None."""
-    try:
-        import ipywidgets as w
-        from IPython.display import display
-    except ImportError:
-        print("the interactive panel needs ipywidgets (pip install ipywidgets); without it: "
-              "viz.show_grid(ckpt.sample(16, sampler='ddim', steps=20, "
-              "generator=torch.Generator().manual_seed(0)))")
+    w = _widgets("viz.show_grid(ckpt.sample(16, sampler='ddim', steps=20, "
+                 "generator=torch.Generator().manual_seed(0)))")
+    if w is None:
         return None
     d = ckpt.config.diffusion
     controls = {"sampler": w.Dropdown(options=list(SAMPLERS), value=d.sampler,
                                       description="sampler"),
                 "steps": w.IntSlider(value=d.sample_steps, min=1, max=ckpt.schedule.T,
                                      description="steps"),
-                "seed": w.IntText(value=0, description="seed")}
-    if ckpt.classes:
-        controls["label"] = w.Dropdown(options=[(name, i) for i, name in enumerate(ckpt.classes)],
-                                       description="class")
-        controls["guidance"] = w.FloatSlider(value=2.0, min=0.0, max=8.0, step=0.5,
-                                             description="guidance")
-    for control in controls.values():  # a slider in a row otherwise shrinks to its handle
-        control.layout = w.Layout(width="300px", min_width="300px")
-    button, out = w.Button(description="Draw", button_style="primary"), w.Output()
+                "seed": w.IntText(value=0, description="seed")} | _class_controls(w, ckpt)
 
-    def draw(_=None) -> None:
-        v = {name: c.value for name, c in controls.items()}
+    def draw(v: dict) -> None:
         extra = {"labels": [v["label"]], "guidance": v["guidance"]} if ckpt.classes else {}
-        with out:
-            out.clear_output(wait=True)
-            x = ckpt.sample(n, sampler=v["sampler"], steps=v["steps"], progress=True,
-                            generator=torch.Generator().manual_seed(v["seed"]), **extra)
-            title = f"{v['sampler']}, {v['steps']} steps, seed {v['seed']}" + (
-                f", class {ckpt.classes[v['label']]}, guidance {v['guidance']:g}" if extra else "")
-            show_grid(x, title=title)
-            plt.show()
+        x = ckpt.sample(n, sampler=v["sampler"], steps=v["steps"], progress=True,
+                        generator=torch.Generator().manual_seed(v["seed"]), **extra)
+        show_grid(x, title=f"{v['sampler']}, {v['steps']} steps, seed {v['seed']}"
+                  + _class_title(ckpt, v))
 
-    button.on_click(draw)
-    # the controls wrap onto a second row rather than run off a narrow notebook's right edge
-    row = w.HBox(list(controls.values()) + [button], layout=w.Layout(flex_flow="row wrap"))
-    panel = w.VBox([row, out])
-    display(panel)
-    draw()
-    return panel
+    return _panel(w, controls, {"Draw": draw})
+
+
+def explore_edits(ckpt, images: torch.Tensor):
+    """An interactive panel in a notebook for editing `images` (B, C, H, W) in [-1, 1] with
+    `ckpt` (a `Checkpoint`): a mask (the part filled in) and RePaint's resampling count for
+    the Inpaint button, a strength for the SDEdit button, the seed, and for a conditional model
+    a class to steer towards (or none) and the guidance scale. A button redraws the grid below:
+    the images, masked and inpainted; or the images above their edits. Inpaints at once.
+
+    Returns the ipywidgets panel. Without ipywidgets, prints how to edit without it and returns
+    None."""
+    from .editing import MASKS, named_mask
+
+    w = _widgets("viz.show_grid(ckpt.inpaint(images, named_mask('bottom', images.shape[-1]))) "
+                 "and viz.show_grid(ckpt.sdedit(images, 0.6)), with named_mask from "
+                 "smol_diffusion.editing")
+    if w is None:
+        return None
+    controls = {"mask": w.Dropdown(options=list(MASKS), description="fill in"),
+                "resample": w.IntSlider(value=1, min=1, max=10, description="resample"),
+                "strength": w.FloatSlider(value=0.6, min=0.0, max=1.0, step=0.05,
+                                          description="strength"),
+                "seed": w.IntText(value=0, description="seed")} | _class_controls(w, ckpt, "none")
+
+    def steer(v: dict) -> dict:
+        return {"generator": torch.Generator().manual_seed(v["seed"]), "progress": True} | (
+            {} if v.get("label") is None else {"labels": [v["label"]],
+                                               "guidance": v["guidance"]})
+
+    def inpaint(v: dict) -> None:
+        mask = named_mask(v["mask"], images.shape[-1])
+        x = ckpt.inpaint(images, mask, resample=v["resample"], **steer(v))
+        show_grid(torch.cat([images, mask * images, x]), nrow=len(images),
+                  title=f"{v['mask']} filled in, resample {v['resample']}, seed {v['seed']}"
+                  + _class_title(ckpt, v))
+
+    def sdedit(v: dict) -> None:
+        x = ckpt.sdedit(images, v["strength"], **steer(v))
+        show_grid(torch.cat([images, x]), nrow=len(images),
+                  title=f"SDEdit, strength {v['strength']:g}, seed {v['seed']}"
+                  + _class_title(ckpt, v))
+
+    return _panel(w, controls, {"Inpaint": inpaint, "SDEdit": sdedit})
