@@ -40,17 +40,18 @@ def test_train_then_sample(tmp_path):
 
 
 def test_bad_input_is_explained(tmp_path):
+    fresh = ("--out_dir", str(tmp_path / "run"))  # not the demo's, which a user may have trained
     r = run("smol_diffusion", "train", "--steps", "many")
     assert r.returncode != 0 and "--steps 'many'" in r.stderr
     r = run("smol_diffusion", "train", "--sampler", "euler")
     assert r.returncode != 0 and "error: sampler must be one of" in r.stderr
-    r = run("smol_diffusion", "train", "--dataset", "cars", "--root", str(tmp_path))
+    r = run("smol_diffusion", "train", "--dataset", "cars", "--root", str(tmp_path), *fresh)
     assert r.returncode != 0 and "vision/issues/7545" in r.stderr
     r = run("smol_diffusion", "sample", "--checkpoint", str(tmp_path / "nope.pt"))
     assert r.returncode != 0 and "no checkpoint at" in r.stderr
     r = run("smol_diffusion", "sample", "--checkpoint", str(tmp_path / "nope.pt"), "--batch", "0")
     assert r.returncode != 0 and "--n and --batch must be at least 1" in r.stderr
-    r = run("smol_diffusion", "train", "--device", "tpu0")
+    r = run("smol_diffusion", "train", "--device", "tpu0", *fresh)
     assert r.returncode != 0 and "error: unknown device 'tpu0'" in r.stderr
     r = run("smol_diffusion", "train", "--T", "20")
     assert r.returncode != 0 and "sample_steps in [1, T]; got T=20, sample_steps=50" in r.stderr
