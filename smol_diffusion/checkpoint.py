@@ -259,7 +259,8 @@ class Checkpoint:
         `mask` is 1 and filled in where it is 0 (RePaint). Defaults as `sample`'s, but with
         `resample` > 1 the ancestral sampler, which resampling needs. A conditional model
         fills in unconditionally unless given `labels` (one per image, or repeated in turn)."""
-        kwargs.setdefault("sampler", "ddpm" if resample > 1 else self.config.diffusion.sampler)
+        if resample > 1:  # else the config's sampler, as `_defaults` gives every edit
+            kwargs.setdefault("sampler", "ddpm")
         return self._edit(inpaint, images, batch_size, kwargs, mask=mask, resample=resample)
 
     def sdedit(self, images: torch.Tensor, strength: float, *, batch_size: int | None = None,
